@@ -1,0 +1,16 @@
+"""gdn_backend: pooled Gated DeltaNet decode for serving engines.
+
+The public API: the op, its warm-up, and the out-of-range error flag.
+"""
+
+from .errors import clear_error_flag, error_flag, read_error_flag
+from .op import gated_delta_rule_decode, warmup
+
+__all__ = [
+    "gated_delta_rule_decode",
+    "warmup",
+    "error_flag",
+    "read_error_flag",
+    "clear_error_flag",
+]
+__version__ = "0.1.0"

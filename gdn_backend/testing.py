@@ -1,0 +1,130 @@
+"""Random decode problems shaped the way engines hand them over.
+
+Shared by the tests, the integration tests and the benchmark: a pool with
+scattered slots, a batch with padding (and optionally out-of-range) rows, q/k/v
+as views of one packed row, any slot pitch. Values are random, never zeros, so
+that a kernel that skips work or misindexes cannot pass by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PAD_SLOT_ID = -1
+
+
+@dataclass
+class DecodeProblem:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    A_log: torch.Tensor
+    dt_bias: torch.Tensor
+    state_pool: torch.Tensor
+    state_indices: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.a, self.b, self.A_log, self.dt_bias,
+                self.state_pool, self.state_indices)
+
+    def clone(self) -> "DecodeProblem":
+        """A deep copy: same values, fresh storage, same strides (the pool keeps its pitch)."""
+        kwargs = {k: copy_strided(v) if isinstance(v, torch.Tensor) else v
+                  for k, v in self.kwargs.items()}
+        return DecodeProblem(*(copy_strided(t) for t in self.args), kwargs=kwargs)
+
+
+def copy_strided(t: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """A copy of `t` on `device` with the same sizes and strides (views stay views of a row)."""
+    base = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+    new_base = base.to(device if device is not None else t.device, copy=True)
+    return new_base.as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+def split_packed_qkv(mixed: torch.Tensor, H: int, HV: int, K: int, V: int):
+    """q [.., H, K], k [.., H, K], v [.., HV, V] as views of packed rows [.., 2HK + HV V]."""
+    q = mixed[..., : H * K].unflatten(-1, (H, K))
+    k = mixed[..., H * K : 2 * H * K].unflatten(-1, (H, K))
+    v = mixed[..., 2 * H * K :].unflatten(-1, (HV, V))
+    return q, k, v
+
+
+def strided_pool(num_slots: int, HV: int, V: int, K: int, *, dtype, device,
+                 slot_pitch: int | None = None, generator=None) -> torch.Tensor:
+    """A random [P, HV, V, K] pool whose slot stride is `slot_pitch` elements."""
+    dense = HV * V * K
+    pitch = dense if slot_pitch is None else slot_pitch
+    buf = torch.randn(num_slots * pitch, generator=generator, device=device).mul_(0.5).to(dtype)
+    return buf.as_strided((num_slots, HV, V, K), (pitch, V * K, K, 1))
+
+
+def make_problem(
+    batch: int,
+    tokens: int = 1,
+    num_heads: int = 2,
+    num_v_heads: int = 4,
+    head_k_dim: int = 128,
+    head_v_dim: int = 128,
+    *,
+    num_slots: int | None = None,
+    state_dtype: torch.dtype = torch.float32,
+    qkv_dtype: torch.dtype = torch.bfloat16,
+    gate_dtype: torch.dtype = torch.bfloat16,
+    param_dtype: torch.dtype = torch.float32,
+    index_dtype: torch.dtype = torch.int32,
+    num_padding: int = 0,
+    num_out_of_range: int = 0,
+    min_valid_slot: int = 0,
+    slot_pitch: int | None = None,
+    packed_qkv: bool = True,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> DecodeProblem:
+    """A fresh random problem: `batch` rows, of which `num_padding` are padding and
+    `num_out_of_range` name slots >= P, at random positions; the others name
+    distinct random slots of a pool of `num_slots`."""
+    B, T, H, HV, K, V = batch, tokens, num_heads, num_v_heads, head_k_dim, head_v_dim
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    num_valid = B - num_padding - num_out_of_range
+    P = num_slots if num_slots is not None else max(2 * B, 4) + min_valid_slot
+    assert num_valid >= 0 and P - min_valid_slot >= num_valid
+
+    def randn(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+    if packed_qkv:
+        # SGLang's decode: one conv output row [q | k | v] per token, split into views.
+        q, k, v = split_packed_qkv(randn(B, T, 2 * H * K + HV * V, dtype=qkv_dtype), H, HV, K, V)
+    else:
+        q, k = randn(B, T, H, K, dtype=qkv_dtype), randn(B, T, H, K, dtype=qkv_dtype)
+        v = randn(B, T, HV, V, dtype=qkv_dtype)
+    a = randn(B, T, HV, dtype=gate_dtype)
+    b = randn(B, T, HV, dtype=gate_dtype)
+    # As the model initialises them: A in (1, 16), dt_bias around zero.
+    A_log = (torch.rand(HV, generator=gen) * 15 + 1).log().to(param_dtype).to(device)
+    dt_bias = randn(HV, dtype=param_dtype, scale=0.5)
+
+    pool = copy_strided(strided_pool(P, HV, V, K, dtype=state_dtype, device="cpu",
+                                     slot_pitch=slot_pitch, generator=gen), device)
+
+    slots = (torch.randperm(P - min_valid_slot, generator=gen)[:num_valid] + min_valid_slot).tolist()
+    bad = [P + int(i) for i in torch.randint(0, 1 << 20, (num_out_of_range,), generator=gen)]
+    rows = slots + [PAD_SLOT_ID] * num_padding + bad
+    order = torch.randperm(B, generator=gen).tolist()
+    indices = torch.tensor([rows[i] for i in order], dtype=index_dtype, device=device)
+    kwargs = {"min_valid_slot": min_valid_slot} if min_valid_slot else {}
+    return DecodeProblem(q, k, v, a, b, A_log, dt_bias, pool, indices, kwargs)
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
