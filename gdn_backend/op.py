@@ -198,8 +198,15 @@ def warmup(
         v = torch.zeros(1, T, HV, V, dtype=qkv_dtype, device=device)
         gate = torch.zeros(1, T, HV, dtype=gate_dtype, device=device)
         inter = torch.zeros(1, T, HV, V, K, dtype=state_dtype, device=device) if intermediate else None
-        gated_delta_rule_decode(
+        rows = pad if intermediate else None
+        out = gated_delta_rule_decode(
             q, q, v, gate, gate, A_log, dt_bias, pool, pad,
-            intermediate_states=inter, intermediate_indices=pad if intermediate else None,
-            update_state=not intermediate,
+            intermediate_states=inter, intermediate_indices=rows, update_state=not intermediate,
         )
+        if device.type == "cuda":
+            from .kernels import launch
+
+            problem = validate(q, q, v, gate, gate, A_log, dt_bias, pool, pad, out, scale=1.0,
+                               min_valid_slot=0, intermediate_states=inter, intermediate_indices=rows)
+            launch.compile_ahead(launch.config_for(
+                problem, q, q, gate, A_log, pool, pad, inter, rows, not intermediate))

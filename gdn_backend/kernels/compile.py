@@ -1,0 +1,151 @@
+"""The compile cache: one compiled kernel per configuration, launched through TVM-FFI.
+
+A configuration (`KernelConfig`) fixes everything the kernel is specialised on:
+head counts and dims, T, dtypes, the tile shape, the verify options and whether
+each tensor allows 16-byte vector access. The batch size B, the pool size P and
+every outer stride stay run-time values (`cute.sym_int`), so one compiled kernel
+serves every batch size of a CUDA-graph capture sweep and any pool.
+
+Compiled with `--enable-tvm-ffi`, the kernel is called with torch tensors
+directly (about 10 µs of host time rather than 80 through DLPack) and runs on
+torch's current stream, so CUDA-graph capture needs nothing special.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+CUTE_DTYPES = {}  # filled lazily: importing cutlass is slow and CPU-only users never need it
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    num_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    tokens: int
+    qkv_dtype: torch.dtype
+    gate_dtype: torch.dtype
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype
+    index_dtype: torch.dtype
+    rows_per_cta: int
+    rows_per_thread: int
+    intermediate: str | None = None       # None, "rows" or "indexed"
+    inter_index_dtype: torch.dtype | None = None
+    update_state: bool = True
+    qkv_vectorized: bool = True           # q/k/v allow 16-byte (state vector) accesses
+    state_vectorized: bool = True         # pool (and intermediate) allow 16-byte accesses
+    use_pdl: bool = True
+
+
+def _cute_dtype(dtype: torch.dtype):
+    import cutlass
+
+    if not CUTE_DTYPES:
+        CUTE_DTYPES.update({
+            torch.float32: cutlass.Float32, torch.bfloat16: cutlass.BFloat16,
+            torch.float16: cutlass.Float16, torch.int32: cutlass.Int32, torch.int64: cutlass.Int64,
+        })
+    return CUTE_DTYPES[dtype]
+
+
+def fake_arguments(cfg: KernelConfig) -> tuple:
+    """Fake tensors standing for one call: B, P, N and outer strides symbolic."""
+    import cutlass
+    import cutlass.cute as cute
+
+    H, HV, K, V, T = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim, cfg.tokens
+    fake = cute.runtime.make_fake_tensor
+    qkv = _cute_dtype(cfg.qkv_dtype)
+    state = _cute_dtype(cfg.state_dtype)
+    state_vec = 16 // cfg.state_dtype.itemsize          # elements per 16-byte state vector
+    # q/k are read in chunks of state_vec elements: their strides and base must keep that aligned.
+    qkv_div = state_vec if cfg.qkv_vectorized else 1
+    qkv_align = state_vec * cfg.qkv_dtype.itemsize if cfg.qkv_vectorized else cfg.qkv_dtype.itemsize
+    st_div = state_vec if cfg.state_vectorized else 1
+    st_align = 16 if cfg.state_vectorized else cfg.state_dtype.itemsize
+
+    def stride():
+        return cute.sym_int64(divisibility=qkv_div)
+
+    B = cute.sym_int()
+    q = fake(qkv, (B, T, H, K), stride=(stride(), stride(), stride(), 1), assumed_align=qkv_align)
+    k = fake(qkv, (B, T, H, K), stride=(stride(), stride(), stride(), 1), assumed_align=qkv_align)
+    v = fake(qkv, (B, T, HV, V), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1),
+             assumed_align=cfg.qkv_dtype.itemsize)
+    gate = _cute_dtype(cfg.gate_dtype)
+    a = fake(gate, (B, T, HV), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64()),
+             assumed_align=cfg.gate_dtype.itemsize)
+    b = fake(gate, (B, T, HV), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64()),
+             assumed_align=cfg.gate_dtype.itemsize)
+    param = _cute_dtype(cfg.param_dtype)
+    A_log = fake(param, (HV,), stride=(1,), assumed_align=cfg.param_dtype.itemsize)
+    dt_bias = fake(param, (HV,), stride=(1,), assumed_align=cfg.param_dtype.itemsize)
+    pool = fake(state, (cute.sym_int(), HV, V, K),
+                stride=(cute.sym_int64(divisibility=st_div), V * K, K, 1), assumed_align=st_align)
+    index = _cute_dtype(cfg.index_dtype)
+    idx = fake(index, (B,), stride=(1,), assumed_align=cfg.index_dtype.itemsize)
+    out = fake(qkv, (B, T, HV, V), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1),
+               assumed_align=cfg.qkv_dtype.itemsize)
+    flag = fake(cutlass.Int32, (1,), stride=(1,), assumed_align=4)
+    inter = inter_idx = None
+    if cfg.intermediate is not None:
+        inter = fake(state, (cute.sym_int(), T, HV, V, K),
+                     stride=(cute.sym_int64(divisibility=st_div), cute.sym_int64(divisibility=st_div),
+                             V * K, K, 1), assumed_align=st_align)
+    if cfg.intermediate == "indexed":
+        inter_idx = fake(_cute_dtype(cfg.inter_index_dtype), (B,), stride=(1,),
+                         assumed_align=cfg.inter_index_dtype.itemsize)
+    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    return (q, k, v, a, b, A_log, dt_bias, pool, idx, out, flag, inter, inter_idx,
+            cutlass.Float32(1.0), cutlass.Int32(0), stream)
+
+
+def build(cfg: KernelConfig):
+    """Compile one configuration (for the GPU this process runs on, or CUTE_DSL_ARCH)."""
+    import cutlass.cute as cute
+
+    from .decode import GatedDeltaRuleDecode
+
+    kernel = GatedDeltaRuleDecode(
+        num_heads=cfg.num_heads, num_v_heads=cfg.num_v_heads, head_k_dim=cfg.head_k_dim,
+        head_v_dim=cfg.head_v_dim, tokens=cfg.tokens, state_bytes=cfg.state_dtype.itemsize,
+        rows_per_cta=cfg.rows_per_cta, rows_per_thread=cfg.rows_per_thread,
+        intermediate=cfg.intermediate, update_state=cfg.update_state, use_pdl=cfg.use_pdl,
+    )
+    return cute.compile(kernel, *fake_arguments(cfg), options="--enable-tvm-ffi")
+
+
+class CompileCache:
+    """Compiled kernels by configuration; counts compilations so tests can prove none happen late."""
+
+    def __init__(self):
+        self._kernels: dict[KernelConfig, object] = {}
+        self._lock = threading.Lock()
+        self.compilations = 0
+
+    def get(self, cfg: KernelConfig):
+        fn = self._kernels.get(cfg)
+        if fn is None:
+            with self._lock:
+                fn = self._kernels.get(cfg)
+                if fn is None:
+                    fn = build(cfg)
+                    self._kernels[cfg] = fn
+                    self.compilations += 1
+        return fn
+
+    def __contains__(self, cfg: KernelConfig) -> bool:
+        return cfg in self._kernels
+
+
+CACHE = CompileCache()
+
+# Programmatic dependent launch lets the kernel's launch overlap the previous kernel's tail.
+USE_PDL = os.environ.get("GDN_BACKEND_PDL", "1") == "1"

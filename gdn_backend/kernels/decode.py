@@ -1,0 +1,205 @@
+"""The pooled Gated DeltaNet decode kernel, in the CuTe DSL, for sm_90+.
+
+One CTA owns one request n, one value head hv and a tile of `rows_per_cta` rows
+of that head's [V, K] state. Its threads form groups of 8 lanes; each group owns
+`rows_per_thread` rows, and each lane of a group holds the same 16-byte columns
+of those rows (column blocks kl, kl + 8, kl + 16, ...), so that every warp-wide
+load or store moves whole 128-byte lines. The state is read once, held in
+registers in float32 across the T tokens, and written once.
+
+Per token, SPEC.md's update is computed in the equivalent one-pass form
+    Sk = S_old k̂,  Sq = S_old q̂            (both from the state as loaded)
+    u  = β (v - e^g Sk),  o = e^g Sq + u (k̂·q̂),  S = e^g S_old + u k̂ᵀ
+so each row needs one pass over its registers and two 8-lane reductions.
+
+Padding (index < min_valid_slot) and out-of-range indices (>= P) are decided
+here: the CTA writes zero output and touches no state; out-of-range sets the
+device error flag.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, const_expr
+
+LANES_PER_ROW = 8
+VECTOR_BYTES = 16
+L2NORM_EPS = 1e-6
+SOFTPLUS_THRESHOLD = 20.0
+
+
+class GatedDeltaRuleDecode:
+    """Compile-time shape and options; B, P and all outer strides are run-time values.
+
+    intermediate: None, "rows" (request n writes row n of the intermediate
+    states) or "indexed" (it writes row intermediate_indices[n]).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        num_v_heads: int,
+        head_k_dim: int,
+        head_v_dim: int,
+        tokens: int,
+        state_bytes: int,
+        rows_per_cta: int,
+        rows_per_thread: int,
+        intermediate: str | None = None,
+        update_state: bool = True,
+        use_pdl: bool = True,
+    ):
+        self.H, self.HV, self.K, self.V, self.T = (
+            num_heads, num_v_heads, head_k_dim, head_v_dim, tokens)
+        # Elements of one 16-byte state vector, and such vectors per lane per row.
+        self.vec = VECTOR_BYTES // state_bytes
+        self.vecs_per_lane = head_k_dim // (LANES_PER_ROW * self.vec)
+        assert self.vecs_per_lane * LANES_PER_ROW * self.vec == head_k_dim
+        assert head_v_dim % rows_per_cta == 0 and rows_per_cta % rows_per_thread == 0
+        self.rows_per_cta = rows_per_cta
+        self.rows_per_thread = rows_per_thread
+        self.groups = rows_per_cta // rows_per_thread
+        self.threads = self.groups * LANES_PER_ROW
+        assert intermediate in (None, "rows", "indexed")
+        self.intermediate = intermediate
+        self.update_state = update_state
+        self.use_pdl = use_pdl
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,          # [B, T, H, K]
+        mK: cute.Tensor,          # [B, T, H, K]
+        mV: cute.Tensor,          # [B, T, HV, V]
+        mA: cute.Tensor,          # [B, T, HV]
+        mB: cute.Tensor,          # [B, T, HV]
+        mALog: cute.Tensor,       # [HV]
+        mDtBias: cute.Tensor,     # [HV]
+        mPool: cute.Tensor,       # [P, HV, V, K]
+        mIdx: cute.Tensor,        # [B]
+        mOut: cute.Tensor,        # [B, T, HV, V]
+        mFlag: cute.Tensor,       # [1] int32
+        mInter: cute.Tensor,      # [N, T, HV, V, K], or None
+        mInterIdx: cute.Tensor,   # [B], or None
+        scale: Float32,
+        min_valid_slot: Int32,
+        stream,
+    ):
+        grid = [mIdx.shape[0], self.HV, self.V // self.rows_per_cta]
+        self.kernel(
+            mQ, mK, mV, mA, mB, mALog, mDtBias, mPool, mIdx, mOut, mFlag, mInter, mInterIdx,
+            scale, min_valid_slot,
+        ).launch(grid=grid, block=[self.threads, 1, 1], stream=stream, use_pdl=self.use_pdl)
+
+    @cute.jit
+    def lane_columns(self, row: cute.Tensor, lane: Int32) -> cute.Tensor:
+        """This lane's columns of a [K] row: (vec, vecs_per_lane) with stride (1, 8 * vec)."""
+        # (vec, lane, block): a 128-byte line is 8 lanes' vectors, and a row is such lines.
+        tiles = cute.composition(row, cute.make_layout(
+            (self.vec, LANES_PER_ROW, self.vecs_per_lane),
+            stride=(1, self.vec, self.vec * LANES_PER_ROW)))
+        return tiles[None, lane, None]
+
+    @cute.jit
+    def load_unit_vector(self, row: cute.Tensor, lane: Int32, factor: Float32):
+        """This lane's columns of x * rsqrt(sum(x^2) + eps) * factor, in float32."""
+        frag = cute.make_rmem_tensor((self.vec, self.vecs_per_lane), row.element_type)
+        cute.autovec_copy(self.lane_columns(row, lane), frag)
+        x = frag.load().to(Float32)
+        sum_sq = self.row_sum((x * x).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+        return x * (Float32(cute.math.rsqrt(sum_sq + Float32(L2NORM_EPS), fastmath=True)) * factor)
+
+    @cute.jit
+    def row_sum(self, x: Float32) -> Float32:
+        """Sum over the 8 lanes that share a row (butterfly: every lane gets the total)."""
+        for i in cutlass.range_constexpr(3):
+            x = x + cute.arch.shuffle_sync_bfly(x, offset=LANES_PER_ROW >> (i + 1))
+        return x
+
+    @cute.jit
+    def store_rows(self, frag: cute.Tensor, dst: cute.Tensor, lane: Int32, row0: Int32):
+        """Write this thread's rows (float32 registers) to a [V, K] state, converting once."""
+        out = cute.make_rmem_tensor(frag.shape, dst.element_type)
+        out.store(frag.load().to(dst.element_type))
+        for r in cutlass.range_constexpr(self.rows_per_thread):
+            cute.autovec_copy(out[None, None, r],
+                              self.lane_columns(dst[row0 + r * self.groups, None], lane))
+
+    @cute.kernel
+    def kernel(
+        self,
+        mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mA: cute.Tensor, mB: cute.Tensor,
+        mALog: cute.Tensor, mDtBias: cute.Tensor, mPool: cute.Tensor, mIdx: cute.Tensor,
+        mOut: cute.Tensor, mFlag: cute.Tensor, mInter: cute.Tensor, mInterIdx: cute.Tensor,
+        scale: Float32, min_valid_slot: Int32,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        n, hv, tile = cute.arch.block_idx()
+        lane = tidx % LANES_PER_ROW
+        row0 = tile * self.rows_per_cta + tidx // LANES_PER_ROW
+        h = hv // (self.HV // self.H)
+        R = self.rows_per_thread
+
+        if const_expr(self.use_pdl):
+            # Everything below may read what the previous kernel wrote.
+            cute.arch.griddepcontrol_wait()
+
+        slot = Int64(mIdx[n])
+        valid = slot >= Int64(min_valid_slot) and slot < Int64(mPool.shape[0])
+        out_of_range = slot >= Int64(mPool.shape[0])
+        inter_row = Int64(n)
+        if const_expr(self.intermediate == "indexed"):
+            inter_row = Int64(mInterIdx[n])
+            valid = valid and inter_row >= Int64(min_valid_slot) and inter_row < Int64(mInter.shape[0])
+            out_of_range = out_of_range or inter_row >= Int64(mInter.shape[0])
+        if out_of_range and tidx == 0:
+            mFlag[0] = Int32(1)
+
+        if valid:
+            gS = mPool[slot, hv, None, None]
+            raw = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), mPool.element_type)
+            for r in cutlass.range_constexpr(R):
+                cute.autovec_copy(self.lane_columns(gS[row0 + r * self.groups, None], lane),
+                                  raw[None, None, r])
+            state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
+            state.store(raw.load().to(Float32))
+
+            neg_A = -Float32(cute.math.exp(Float32(mALog[hv])))
+            dt_bias = Float32(mDtBias[hv])
+            for t in cutlass.range_constexpr(self.T):
+                k_hat = self.load_unit_vector(mK[n, t, h, None], lane, Float32(1.0))
+                q_hat = self.load_unit_vector(mQ[n, t, h, None], lane, scale)
+                kq = self.row_sum((k_hat * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+
+                x = Float32(mA[n, t, hv]) + dt_bias
+                softplus = x
+                if x <= Float32(SOFTPLUS_THRESHOLD):
+                    softplus = Float32(cute.math.log(Float32(1.0) + Float32(cute.math.exp(x))))
+                decay = Float32(cute.math.exp(neg_A * softplus))
+                beta = Float32(1.0) / (Float32(1.0) + Float32(cute.math.exp(-Float32(mB[n, t, hv]))))
+
+                for r in cutlass.range_constexpr(R):
+                    v_row = row0 + r * self.groups
+                    s = state[None, None, r].load()
+                    sk = self.row_sum((s * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+                    sq = self.row_sum((s * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+                    u = beta * (Float32(mV[n, t, hv, v_row]) - decay * sk)
+                    state[None, None, r].store(s * decay + k_hat * u)
+                    if lane == 0:
+                        mOut[n, t, hv, v_row] = (decay * sq + u * kq).to(mOut.element_type)
+
+                if const_expr(self.intermediate is not None):
+                    self.store_rows(state, mInter[inter_row, t, hv, None, None], lane, row0)
+
+            if const_expr(self.update_state):
+                self.store_rows(state, gS, lane, row0)
+        else:
+            if lane == 0:
+                for t in cutlass.range_constexpr(self.T):
+                    for r in cutlass.range_constexpr(R):
+                        mOut[n, t, hv, row0 + r * self.groups] = mOut.element_type(0.0)
+
+        if const_expr(self.use_pdl):
+            cute.arch.griddepcontrol_launch_dependents()

@@ -1,0 +1,79 @@
+"""Compile every kernel variant for sm_90a on this machine (no GPU needed) and keep its PTX.
+
+    python tests/compile_variants.py OUT_DIR [NAME ...]
+
+Writes OUT_DIR/<name>.ptx for each variant of `variants()` (or the named ones). Runs in
+its own process because cutlass-dsl reads its CUTE_DSL_* settings once, at import.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import replace
+
+import torch
+
+
+def variants() -> dict:
+    from gdn_backend.kernels.compile import KernelConfig
+    from gdn_backend.kernels.heuristics import TILES
+
+    out = {}
+    for state in (torch.float32, torch.bfloat16):
+        s = "f32" if state == torch.float32 else "bf16"
+        base = KernelConfig(
+            num_heads=16, num_v_heads=32, head_k_dim=128, head_v_dim=128, tokens=1,
+            qkv_dtype=torch.bfloat16, gate_dtype=torch.bfloat16, param_dtype=torch.float32,
+            state_dtype=state, index_dtype=torch.int32, rows_per_cta=32, rows_per_thread=2)
+        for tile in TILES:
+            for T in (1, 2, 4, 8):
+                out[f"{s}_tile{tile.rows_per_cta}x{tile.rows_per_thread}_T{T}"] = replace(
+                    base, tokens=T, rows_per_cta=tile.rows_per_cta,
+                    rows_per_thread=tile.rows_per_thread)
+        for T in (2, 8):
+            out[f"{s}_verify_rows_T{T}"] = replace(base, tokens=T, intermediate="rows",
+                                                   update_state=False)
+            out[f"{s}_verify_indexed_T{T}"] = replace(
+                base, tokens=T, intermediate="indexed", inter_index_dtype=torch.int64,
+                update_state=False)
+        out[f"{s}_tp8_fp16_fp32gates_int64"] = replace(
+            base, num_heads=2, num_v_heads=4, qkv_dtype=torch.float16, gate_dtype=torch.float32,
+            param_dtype=torch.bfloat16, index_dtype=torch.int64)
+        out[f"{s}_unaligned"] = replace(base, tokens=2, qkv_vectorized=False, state_vectorized=False)
+        out[f"{s}_no_pdl"] = replace(base, use_pdl=False)
+    return out
+
+
+def main() -> None:
+    out_dir = os.path.abspath(sys.argv[1])
+    os.makedirs(out_dir, exist_ok=True)
+    dump = tempfile.mkdtemp(prefix="gdn_ptx_")
+    os.environ.update(CUTE_DSL_ARCH="sm_90a", CUTE_DSL_DUMP_DIR=dump, CUTE_DSL_KEEP="ptx,cubin",
+                      CUTE_DSL_NO_CACHE="1", CUTE_DSL_KEEP_PTX="1", CUTE_DSL_KEEP_CUBIN="1",
+                      CUTE_DSL_DISABLE_FILE_CACHING="1")
+    from gdn_backend.kernels.compile import build
+
+    chosen = variants()
+    if len(sys.argv) > 2:
+        chosen = {name: chosen[name] for name in sys.argv[2:]}
+    for name, cfg in chosen.items():
+        try:
+            build(cfg)
+        except Exception as e:  # cutlass-dsl 4.3.5 raises at module load without a driver
+            if "cuInit" not in f"{e} {e.__cause__}" and "CUDA Driver" not in f"{e} {e.__cause__}":
+                raise
+        ptx = [f for f in os.listdir(dump) if f.endswith(".ptx")]
+        assert len(ptx) == 1, f"{name}: expected one PTX file, found {ptx}"
+        with open(os.path.join(dump, ptx[0]), "rb") as f:
+            text = f.read().rstrip(b"\0")
+        with open(os.path.join(out_dir, f"{name}.ptx"), "wb") as f:
+            f.write(text)
+        for f in os.listdir(dump):
+            os.remove(os.path.join(dump, f))
+        print(f"compiled {name}", flush=True)
+    shutil.rmtree(dump, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Every kernel variant compiles to sm_90a on this (GPU-less) machine, without spills,
+with 16-byte state accesses where the layout allows them."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compile_variants import variants
+
+VARIANTS = variants()
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def ptx_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ptx")
+    subprocess.run([sys.executable, os.path.join(HERE, "compile_variants.py"), str(out)],
+                   check=True, timeout=1800)
+    return out
+
+
+def ptxas() -> str:
+    path = os.environ.get("PTXAS") or shutil.which("ptxas")
+    if path is None:
+        pytest.fail("ptxas (CUDA's assembler) is needed to read the register report: "
+                    "put it on PATH or set PTXAS")
+    return path
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_compiles_for_sm90a_without_local_memory(ptx_dir, name):
+    report = subprocess.run([ptxas(), "-arch=sm_90a", "-v", str(ptx_dir / f"{name}.ptx"),
+                             "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, report
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
+    cfg = VARIANTS[name]
+    ptx = (ptx_dir / f"{name}.ptx").read_text()
+    stores = sum(ptx.count(f"st.global.v4.{t}") for t in ("f32", "b32"))
+    per_copy = cfg.rows_per_thread * cfg.head_k_dim // (8 * 16 // cfg.state_dtype.itemsize)
+    copies = int(cfg.update_state) + (cfg.tokens if cfg.intermediate else 0)
+    assert stores == (per_copy * copies if cfg.state_vectorized else 0)
