@@ -39,9 +39,14 @@ class KernelConfig:
     intermediate: str | None = None       # None, "rows" or "indexed"
     inter_index_dtype: torch.dtype | None = None
     update_state: bool = True
-    qkv_vectorized: bool = True           # q/k/v allow 16-byte (state vector) accesses
+    qkv_vectorized: bool = True           # q/k allow vector reads of K/32 elements
     state_vectorized: bool = True         # pool (and intermediate) allow 16-byte accesses
     use_pdl: bool = True
+
+
+def qk_chunk(head_k_dim: int) -> int:
+    """Elements of a q or k row that one lane of a warp reads at once."""
+    return head_k_dim // 32
 
 
 def _cute_dtype(dtype: torch.dtype):
@@ -65,9 +70,10 @@ def fake_arguments(cfg: KernelConfig) -> tuple:
     qkv = _cute_dtype(cfg.qkv_dtype)
     state = _cute_dtype(cfg.state_dtype)
     state_vec = 16 // cfg.state_dtype.itemsize          # elements per 16-byte state vector
-    # q/k are read in chunks of state_vec elements: their strides and base must keep that aligned.
-    qkv_div = state_vec if cfg.qkv_vectorized else 1
-    qkv_align = state_vec * cfg.qkv_dtype.itemsize if cfg.qkv_vectorized else cfg.qkv_dtype.itemsize
+    # A warp reads a q or k row in chunks of K/32 elements: strides and base keep them aligned.
+    chunk = qk_chunk(cfg.head_k_dim)
+    qkv_div = chunk if cfg.qkv_vectorized else 1
+    qkv_align = chunk * cfg.qkv_dtype.itemsize if cfg.qkv_vectorized else cfg.qkv_dtype.itemsize
     st_div = state_vec if cfg.state_vectorized else 1
     st_align = 16 if cfg.state_vectorized else cfg.state_dtype.itemsize
 

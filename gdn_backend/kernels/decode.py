@@ -7,6 +7,10 @@ of those rows (column blocks kl, kl + 8, kl + 16, ...), so that every warp-wide
 load or store moves whole 128-byte lines. The state is read once, held in
 registers in float32 across the T tokens, and written once.
 
+The kernel first issues the state loads, then, while they are in flight, stages
+every token's inputs in shared memory (k̂ and q̂ normalised once per CTA, decay
+and beta), so the token loop itself never waits on global memory.
+
 Per token, SPEC.md's update is computed in the equivalent one-pass form
     Sk = S_old k̂,  Sq = S_old q̂            (both from the state as loaded)
     u  = β (v - e^g Sk),  o = e^g Sq + u (k̂·q̂),  S = e^g S_old + u k̂ᵀ
@@ -91,7 +95,12 @@ class GatedDeltaRuleDecode:
         self.kernel(
             mQ, mK, mV, mA, mB, mALog, mDtBias, mPool, mIdx, mOut, mFlag, mInter, mInterIdx,
             scale, min_valid_slot,
-        ).launch(grid=grid, block=[self.threads, 1, 1], stream=stream, use_pdl=self.use_pdl)
+        ).launch(grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes(), stream=stream,
+                 use_pdl=self.use_pdl)
+
+    def smem_bytes(self) -> int:
+        # k̂ and q̂ of every token, then decay and beta of every token (16-byte aligned).
+        return (2 * self.K * self.T + 2 * self.T) * 4 + 32
 
     @cute.jit
     def lane_columns(self, row: cute.Tensor, lane: Int32) -> cute.Tensor:
@@ -103,20 +112,29 @@ class GatedDeltaRuleDecode:
         return tiles[None, lane, None]
 
     @cute.jit
-    def load_unit_vector(self, row: cute.Tensor, lane: Int32, factor: Float32):
-        """This lane's columns of x * rsqrt(sum(x^2) + eps) * factor, in float32."""
-        frag = cute.make_rmem_tensor((self.vec, self.vecs_per_lane), row.element_type)
-        cute.autovec_copy(self.lane_columns(row, lane), frag)
-        x = frag.load().to(Float32)
-        sum_sq = self.row_sum((x * x).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-        return x * (Float32(cute.math.rsqrt(sum_sq + Float32(L2NORM_EPS), fastmath=True)) * factor)
-
-    @cute.jit
     def row_sum(self, x: Float32) -> Float32:
         """Sum over the 8 lanes that share a row (butterfly: every lane gets the total)."""
         for i in cutlass.range_constexpr(3):
             x = x + cute.arch.shuffle_sync_bfly(x, offset=LANES_PER_ROW >> (i + 1))
         return x
+
+    @cute.jit
+    def warp_sum(self, x: Float32) -> Float32:
+        for i in cutlass.range_constexpr(5):
+            x = x + cute.arch.shuffle_sync_bfly(x, offset=16 >> i)
+        return x
+
+    @cute.jit
+    def stage_unit_vector(self, src: cute.Tensor, dst: cute.Tensor, warp_lane: Int32, factor: Float32):
+        """One warp writes src * rsqrt(sum(src^2) + eps) * factor, in float32, to shared memory."""
+        chunk = self.K // 32
+        frag = cute.make_rmem_tensor((chunk,), src.element_type)
+        cute.autovec_copy(cute.local_tile(src, (chunk,), (warp_lane,)), frag)
+        x = frag.load().to(Float32)
+        sum_sq = self.warp_sum((x * x).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+        unit = cute.make_rmem_tensor((chunk,), Float32)
+        unit.store(x * (Float32(cute.math.rsqrt(sum_sq + Float32(L2NORM_EPS), fastmath=True)) * factor))
+        cute.autovec_copy(unit, cute.local_tile(dst, (chunk,), (warp_lane,)))
 
     @cute.jit
     def store_rows(self, frag: cute.Tensor, dst: cute.Tensor, lane: Int32, row0: Int32):
@@ -138,9 +156,16 @@ class GatedDeltaRuleDecode:
         tidx, _, _ = cute.arch.thread_idx()
         n, hv, tile = cute.arch.block_idx()
         lane = tidx % LANES_PER_ROW
+        warp, warp_lane = tidx // 32, tidx % 32
         row0 = tile * self.rows_per_cta + tidx // LANES_PER_ROW
         h = hv // (self.HV // self.H)
-        R = self.rows_per_thread
+        R, T = self.rows_per_thread, self.T
+
+        smem = cutlass.utils.SmemAllocator()
+        # sUnit[:, 0, t] = k̂ of token t, sUnit[:, 1, t] = q̂ (scaled); sGate[0|1, t] = decay, beta.
+        sUnit = smem.allocate_tensor(
+            Float32, cute.make_layout((self.K, 2, T), stride=(1, self.K, 2 * self.K)), byte_alignment=16)
+        sGate = smem.allocate_tensor(Float32, cute.make_layout((2, T), stride=(1, 2)), byte_alignment=16)
 
         if const_expr(self.use_pdl):
             # Everything below may read what the previous kernel wrote.
@@ -157,39 +182,54 @@ class GatedDeltaRuleDecode:
         if out_of_range and tidx == 0:
             mFlag[0] = Int32(1)
 
-        if valid:
+        if valid:  # uniform over the CTA, so the barrier below is safe
+            # 1. Issue the state loads first: they are the bytes that matter.
             gS = mPool[slot, hv, None, None]
             raw = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), mPool.element_type)
             for r in cutlass.range_constexpr(R):
                 cute.autovec_copy(self.lane_columns(gS[row0 + r * self.groups, None], lane),
                                   raw[None, None, r])
-            state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
-            state.store(raw.load().to(Float32))
 
-            neg_A = -Float32(cute.math.exp(Float32(mALog[hv])))
-            dt_bias = Float32(mDtBias[hv])
-            for t in cutlass.range_constexpr(self.T):
-                k_hat = self.load_unit_vector(mK[n, t, h, None], lane, Float32(1.0))
-                q_hat = self.load_unit_vector(mQ[n, t, h, None], lane, scale)
-                kq = self.row_sum((k_hat * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-
-                x = Float32(mA[n, t, hv]) + dt_bias
+            # 2. While they fly, stage every token's inputs: one warp per unit vector, one
+            #    thread per token's gates, each thread its rows' v.
+            for job in cutlass.range_constexpr(2 * T):
+                if warp == job % (self.threads // 32):
+                    if const_expr(job % 2 == 0):
+                        self.stage_unit_vector(mK[n, job // 2, h, None], sUnit[None, 0, job // 2],
+                                               warp_lane, Float32(1.0))
+                    else:
+                        self.stage_unit_vector(mQ[n, job // 2, h, None], sUnit[None, 1, job // 2],
+                                               warp_lane, scale)
+            if tidx < T:
+                x = Float32(mA[n, tidx, hv]) + Float32(mDtBias[hv])
                 softplus = x
                 if x <= Float32(SOFTPLUS_THRESHOLD):
                     softplus = Float32(cute.math.log(Float32(1.0) + Float32(cute.math.exp(x))))
-                decay = Float32(cute.math.exp(neg_A * softplus))
-                beta = Float32(1.0) / (Float32(1.0) + Float32(cute.math.exp(-Float32(mB[n, t, hv]))))
-
+                sGate[0, tidx] = Float32(cute.math.exp(
+                    -Float32(cute.math.exp(Float32(mALog[hv]))) * softplus))
+                sGate[1, tidx] = Float32(1.0) / (Float32(1.0) + Float32(cute.math.exp(-Float32(mB[n, tidx, hv]))))
+            v_in = cute.make_rmem_tensor((R, T), Float32)
+            for t in cutlass.range_constexpr(T):
                 for r in cutlass.range_constexpr(R):
-                    v_row = row0 + r * self.groups
+                    v_in[r, t] = Float32(mV[n, t, hv, row0 + r * self.groups])
+            cute.arch.barrier()
+
+            # 3. The T tokens, the state in float32 registers throughout.
+            state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
+            state.store(raw.load().to(Float32))
+            for t in cutlass.range_constexpr(T):
+                k_hat = self.lane_columns(sUnit[None, 0, t], lane).load()
+                q_hat = self.lane_columns(sUnit[None, 1, t], lane).load()
+                kq = self.row_sum((k_hat * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+                decay, beta = sGate[0, t], sGate[1, t]
+                for r in cutlass.range_constexpr(R):
                     s = state[None, None, r].load()
                     sk = self.row_sum((s * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
                     sq = self.row_sum((s * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-                    u = beta * (Float32(mV[n, t, hv, v_row]) - decay * sk)
+                    u = beta * (v_in[r, t] - decay * sk)
                     state[None, None, r].store(s * decay + k_hat * u)
                     if lane == 0:
-                        mOut[n, t, hv, v_row] = (decay * sq + u * kq).to(mOut.element_type)
-
+                        mOut[n, t, hv, row0 + r * self.groups] = (decay * sq + u * kq).to(mOut.element_type)
                 if const_expr(self.intermediate is not None):
                     self.store_rows(state, mInter[inter_row, t, hv, None, None], lane, row0)
 
@@ -197,7 +237,7 @@ class GatedDeltaRuleDecode:
                 self.store_rows(state, gS, lane, row0)
         else:
             if lane == 0:
-                for t in cutlass.range_constexpr(self.T):
+                for t in cutlass.range_constexpr(T):
                     for r in cutlass.range_constexpr(R):
                         mOut[n, t, hv, row0 + r * self.groups] = mOut.element_type(0.0)
 

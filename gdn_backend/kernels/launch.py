@@ -59,7 +59,8 @@ def config_for(problem: Problem, q, k, a, A_log, state_pool, state_indices,
         intermediate=mode,
         inter_index_dtype=None if intermediate_indices is None else intermediate_indices.dtype,
         update_state=update_state,
-        qkv_vectorized=_aligned(q, vec, q.stride()[:3]) and _aligned(k, vec, k.stride()[:3]),
+        qkv_vectorized=all(_aligned(t, _compile.qk_chunk(problem.head_k_dim), t.stride()[:3])
+                           for t in (q, k)),
         state_vectorized=state_ok,
         use_pdl=_compile.USE_PDL,
     )
