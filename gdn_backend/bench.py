@@ -24,9 +24,8 @@ import sys
 
 import torch
 
-from .op import gated_delta_rule_decode, warmup
+from .op import gated_delta_rule_decode, split_packed_qkv, warmup
 from .reference import gate_and_beta, l2_normalize
-from .testing import split_packed_qkv
 
 SHAPES = {"TP1": (16, 32), "TP8": (2, 4)}
 BATCHES = (1, 4, 16, 32, 64, 128, 256)

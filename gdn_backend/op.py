@@ -24,6 +24,18 @@ OP_NAME = "gdn_backend::gated_delta_rule_decode"
 CHECK_INDICES_ENV = "GDN_BACKEND_CHECK_INDICES"
 
 
+def split_packed_qkv(mixed: torch.Tensor, H: int, HV: int, K: int, V: int):
+    """q [.., H, K], k [.., H, K], v [.., HV, V] as views of packed rows [.., 2HK + HV V].
+
+    This is how SGLang's and vLLM's conv output holds them; the op reads the views in
+    place, so a packed-decode entry costs no split.
+    """
+    q = mixed[..., : H * K].unflatten(-1, (H, K))
+    k = mixed[..., H * K : 2 * H * K].unflatten(-1, (H, K))
+    v = mixed[..., 2 * H * K :].unflatten(-1, (HV, V))
+    return q, k, v
+
+
 def _default_scale(head_k_dim: int, scale: float | None) -> float:
     return head_k_dim**-0.5 if scale is None else float(scale)
 

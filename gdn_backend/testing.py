@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .op import split_packed_qkv
+
 PAD_SLOT_ID = -1
 
 
@@ -45,14 +47,6 @@ def copy_strided(t: torch.Tensor, device: torch.device | str | None = None) -> t
     base = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
     new_base = base.to(device if device is not None else t.device, copy=True)
     return new_base.as_strided(t.size(), t.stride(), t.storage_offset())
-
-
-def split_packed_qkv(mixed: torch.Tensor, H: int, HV: int, K: int, V: int):
-    """q [.., H, K], k [.., H, K], v [.., HV, V] as views of packed rows [.., 2HK + HV V]."""
-    q = mixed[..., : H * K].unflatten(-1, (H, K))
-    k = mixed[..., H * K : 2 * H * K].unflatten(-1, (H, K))
-    v = mixed[..., 2 * H * K :].unflatten(-1, (HV, V))
-    return q, k, v
 
 
 def strided_pool(num_slots: int, HV: int, V: int, K: int, *, dtype, device,

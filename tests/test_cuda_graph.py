@@ -5,7 +5,8 @@ import torch
 
 import gdn_backend
 from gdn_backend.kernels.compile import CACHE
-from gdn_backend.testing import PAD_SLOT_ID, split_packed_qkv
+from gdn_backend import split_packed_qkv
+from gdn_backend.testing import PAD_SLOT_ID
 
 pytestmark = pytest.mark.gpu
 

@@ -7,7 +7,8 @@ import gdn_backend
 from gdn_backend.kernels.compile import CACHE
 from gdn_backend.kernels.heuristics import choose_tile
 from gdn_backend.reference import gated_delta_rule_decode_reference
-from gdn_backend.testing import make_problem, relative_error, split_packed_qkv
+from gdn_backend import split_packed_qkv
+from gdn_backend.testing import make_problem, relative_error
 
 pytestmark = pytest.mark.gpu
 

@@ -90,8 +90,12 @@ def hf_recurrent(problem):
     slots = problem.state_indices.long()
     g, beta = gate_and_beta(problem.a, problem.b, problem.A_log, problem.dt_bias)
     initial = problem.state_pool[slots].float().transpose(-1, -2)
+    # The model's layer repeats q/k heads for grouped value heads before (older releases)
+    # or inside (newer ones) this function; repeating here serves both.
+    group = problem.v.shape[2] // problem.q.shape[2]
+    q, k = (x.repeat_interleave(group, dim=2) for x in (problem.q, problem.k))
     out, final = torch_recurrent_gated_delta_rule(
-        problem.q, problem.k, problem.v, g=g, beta=beta, initial_state=initial,
+        q, k, problem.v, g=g, beta=beta, initial_state=initial,
         output_final_state=True, use_qk_l2norm_in_kernel=True)
     return out, final.transpose(-1, -2)
 
