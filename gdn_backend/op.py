@@ -187,7 +187,8 @@ def warmup(
     state_dtype: torch.dtype = torch.float32,
     qkv_dtype: torch.dtype = torch.bfloat16,
     gate_dtype: torch.dtype = torch.bfloat16,
-    param_dtype: torch.dtype = torch.float32,
+    A_log_dtype: torch.dtype = torch.float32,
+    dt_bias_dtype: torch.dtype = torch.bfloat16,
     index_dtype: torch.dtype = torch.int32,
     tokens: tuple[int, ...] = (1,),
     intermediate: bool = False,
@@ -203,8 +204,8 @@ def warmup(
     H, HV, K, V = num_heads, num_v_heads, head_k_dim, head_v_dim
     pool = torch.zeros(1, HV, V, K, dtype=state_dtype, device=device)
     pad = torch.full((1,), -1, dtype=index_dtype, device=device)
-    A_log = torch.zeros(HV, dtype=param_dtype, device=device)
-    dt_bias = torch.zeros(HV, dtype=param_dtype, device=device)
+    A_log = torch.zeros(HV, dtype=A_log_dtype, device=device)
+    dt_bias = torch.zeros(HV, dtype=dt_bias_dtype, device=device)
     for T in tokens:
         q = torch.zeros(1, T, H, K, dtype=qkv_dtype, device=device)
         v = torch.zeros(1, T, HV, V, dtype=qkv_dtype, device=device)
@@ -221,4 +222,4 @@ def warmup(
             problem = validate(q, q, v, gate, gate, A_log, dt_bias, pool, pad, out, scale=1.0,
                                min_valid_slot=0, intermediate_states=inter, intermediate_indices=rows)
             launch.compile_ahead(launch.config_for(
-                problem, q, q, gate, A_log, pool, pad, inter, rows, not intermediate))
+                problem, q, q, gate, A_log, dt_bias, pool, pad, inter, rows, not intermediate))

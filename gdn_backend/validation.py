@@ -119,6 +119,8 @@ def validate(
         _check_rank(name, t, 3, "[B, T, HV]")
         _check_dtype(name, t, GATE_DTYPES)
         _check_shape(name, t, (B, T, HV), "[B, T, HV]")
+    if b.dtype != a.dtype:
+        raise TypeError(f"b has dtype {b.dtype}; it must match a's dtype {a.dtype}")
     for name, t in (("A_log", A_log), ("dt_bias", dt_bias)):
         _check_rank(name, t, 1, "[HV]")
         _check_dtype(name, t, PARAM_DTYPES)

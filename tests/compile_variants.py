@@ -24,7 +24,8 @@ def variants() -> dict:
         s = "f32" if state == torch.float32 else "bf16"
         base = KernelConfig(
             num_heads=16, num_v_heads=32, head_k_dim=128, head_v_dim=128, tokens=1,
-            qkv_dtype=torch.bfloat16, gate_dtype=torch.bfloat16, param_dtype=torch.float32,
+            qkv_dtype=torch.bfloat16, gate_dtype=torch.bfloat16, A_log_dtype=torch.float32,
+            dt_bias_dtype=torch.bfloat16,
             state_dtype=state, index_dtype=torch.int32, rows_per_cta=32, rows_per_thread=2)
         for tile in TILES:
             for T in (1, 2, 4, 8):
@@ -39,7 +40,8 @@ def variants() -> dict:
                 update_state=False)
         out[f"{s}_tp8_fp16_fp32gates_int64"] = replace(
             base, num_heads=2, num_v_heads=4, qkv_dtype=torch.float16, gate_dtype=torch.float32,
-            param_dtype=torch.bfloat16, index_dtype=torch.int64)
+            A_log_dtype=torch.bfloat16, dt_bias_dtype=torch.float32,
+            index_dtype=torch.int64)
         out[f"{s}_unaligned"] = replace(base, tokens=2, qkv_vectorized=False, state_vectorized=False)
         out[f"{s}_no_pdl"] = replace(base, use_pdl=False)
     return out

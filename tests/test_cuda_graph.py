@@ -23,7 +23,7 @@ def test_graph_replay_with_new_requests_equals_eager(state_dtype, tokens):
     A_log = torch.rand(HV, generator=gen).add(1).log().to(dev)
     dt_bias = torch.randn(HV, generator=gen).to(dev)
     gdn_backend.warmup(device=dev, num_heads=H, num_v_heads=HV, state_dtype=state_dtype,
-                       tokens=(tokens,))
+                       dt_bias_dtype=torch.float32, tokens=(tokens,))
     compiled = CACHE.compilations
 
     for bs in BUCKETS:
@@ -67,3 +67,19 @@ def test_graph_replay_with_new_requests_equals_eager(state_dtype, tokens):
             assert (out[live:] == 0).all()
             assert torch.equal(pool, eager_pool)
     assert CACHE.compilations == compiled, "nothing may compile after warm-up"
+
+
+def test_capture_without_warmup_is_a_clear_error():
+    H, HV = 2, 4
+    dev = torch.device("cuda")
+    gdn_backend.warmup(device=dev, num_heads=H, num_v_heads=HV)  # flag allocated, T=1 compiled
+    q = torch.zeros(1, 7, H, 128, dtype=torch.bfloat16, device=dev)  # T=7: never warmed up
+    v = torch.zeros(1, 7, HV, 128, dtype=torch.bfloat16, device=dev)
+    gate = torch.zeros(1, 7, HV, dtype=torch.bfloat16, device=dev)
+    params = torch.zeros(HV, device=dev), torch.zeros(HV, dtype=torch.bfloat16, device=dev)
+    pool = torch.zeros(2, HV, 128, 128, device=dev)
+    idx = torch.zeros(1, dtype=torch.int32, device=dev)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="gdn_backend.warmup"):
+        with torch.cuda.graph(graph):
+            gdn_backend.gated_delta_rule_decode(q, q, v, gate, gate, *params, pool, idx)

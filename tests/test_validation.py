@@ -38,6 +38,7 @@ CASES = {
         ValueError, "multiple of H"),
     "a shape": (replace(a=lambda p: p.a[:, :, :2]), ValueError, "a has shape"),
     "b dtype": (replace(b=lambda p: p.b.to(torch.int32)), TypeError, "b has dtype"),
+    "b dtype differs from a": (replace(b=lambda p: p.b.float()), TypeError, "must match a's dtype"),
     "A_log dtype": (replace(A_log=lambda p: p.A_log.half()), TypeError, "A_log has dtype"),
     "dt_bias shape": (replace(dt_bias=lambda p: p.dt_bias[:2]), ValueError, "dt_bias has shape"),
     "pool dtype": (replace(state_pool=lambda p: p.state_pool.half()), TypeError, "state_pool has dtype"),

@@ -31,7 +31,8 @@ class KernelConfig:
     tokens: int
     qkv_dtype: torch.dtype
     gate_dtype: torch.dtype
-    param_dtype: torch.dtype
+    A_log_dtype: torch.dtype
+    dt_bias_dtype: torch.dtype
     state_dtype: torch.dtype
     index_dtype: torch.dtype
     rows_per_cta: int
@@ -90,9 +91,10 @@ def fake_arguments(cfg: KernelConfig) -> tuple:
              assumed_align=cfg.gate_dtype.itemsize)
     b = fake(gate, (B, T, HV), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64()),
              assumed_align=cfg.gate_dtype.itemsize)
-    param = _cute_dtype(cfg.param_dtype)
-    A_log = fake(param, (HV,), stride=(1,), assumed_align=cfg.param_dtype.itemsize)
-    dt_bias = fake(param, (HV,), stride=(1,), assumed_align=cfg.param_dtype.itemsize)
+    A_log = fake(_cute_dtype(cfg.A_log_dtype), (HV,), stride=(1,),
+                 assumed_align=cfg.A_log_dtype.itemsize)
+    dt_bias = fake(_cute_dtype(cfg.dt_bias_dtype), (HV,), stride=(1,),
+                   assumed_align=cfg.dt_bias_dtype.itemsize)
     pool = fake(state, (cute.sym_int(), HV, V, K),
                 stride=(cute.sym_int64(divisibility=st_div), V * K, K, 1), assumed_align=st_align)
     index = _cute_dtype(cfg.index_dtype)
@@ -139,6 +141,12 @@ class CompileCache:
     def get(self, cfg: KernelConfig):
         fn = self._kernels.get(cfg)
         if fn is None:
+            if torch.cuda.is_current_stream_capturing():
+                # Loading a module inside capture would invalidate the engine's graph.
+                raise RuntimeError(
+                    f"gdn_backend has no compiled kernel for {cfg} and CUDA-graph capture is "
+                    "under way; call gdn_backend.warmup(...) with this configuration before "
+                    "capturing")
             with self._lock:
                 fn = self._kernels.get(cfg)
                 if fn is None:

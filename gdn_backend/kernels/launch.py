@@ -40,7 +40,7 @@ def _aligned(t: torch.Tensor, elements: int, strides) -> bool:
     return t.data_ptr() % (elements * t.element_size()) == 0 and all(s % elements == 0 for s in strides)
 
 
-def config_for(problem: Problem, q, k, a, A_log, state_pool, state_indices,
+def config_for(problem: Problem, q, k, a, A_log, dt_bias, state_pool, state_indices,
                intermediate_states, intermediate_indices, update_state) -> _compile.KernelConfig:
     vec = 16 // state_pool.element_size()
     tile = choose_tile(problem.batch, problem.num_v_heads, problem.head_v_dim)
@@ -53,7 +53,8 @@ def config_for(problem: Problem, q, k, a, A_log, state_pool, state_indices,
     return _compile.KernelConfig(
         num_heads=problem.num_heads, num_v_heads=problem.num_v_heads,
         head_k_dim=problem.head_k_dim, head_v_dim=problem.head_v_dim, tokens=problem.tokens,
-        qkv_dtype=q.dtype, gate_dtype=a.dtype, param_dtype=A_log.dtype,
+        qkv_dtype=q.dtype, gate_dtype=a.dtype, A_log_dtype=A_log.dtype,
+        dt_bias_dtype=dt_bias.dtype,
         state_dtype=state_pool.dtype, index_dtype=state_indices.dtype,
         rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
         intermediate=mode,
@@ -71,7 +72,7 @@ def gated_delta_rule_decode(
     *, scale, min_valid_slot, intermediate_states, intermediate_indices, update_state,
 ) -> None:
     check_supported(problem, state_pool.device)
-    cfg = config_for(problem, q, k, a, A_log, state_pool, state_indices,
+    cfg = config_for(problem, q, k, a, A_log, dt_bias, state_pool, state_indices,
                      intermediate_states, intermediate_indices, update_state)
     kernel = _compile.CACHE.get(cfg)
     kernel(q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, error_flag,

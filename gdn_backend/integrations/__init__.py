@@ -1,0 +1,1 @@
+"""Engine adapters: each hands its engine's own tensors to gdn_backend's op."""

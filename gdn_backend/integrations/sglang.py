@@ -1,0 +1,161 @@
+"""SGLang: gdn_backend as the GDN decode (and chain-verify) kernel, chosen by a server flag.
+
+    pip install gdn-backend
+    python -m sglang.launch_server --model-path Qwen/Qwen3-Next-80B-A3B-Instruct \\
+        --linear-attn-decode-backend gdn_backend
+
+SGLang finds this module through its `sglang.srt.plugins` entry point and calls
+`register()` in every process. That adds `gdn_backend` to the linear-attention
+backend choices and wraps `GDNKernelDispatcher.__init__` (SGLang's own
+HookRegistry), the place where SGLang picks its GDN kernels: when the flag names
+gdn_backend, decode and chain speculative verify go to `GDNBackendKernel`, which
+runs gdn_backend's op on SGLang's own `ssm_states` pool and `cache_indices`
+(PAD_SLOT_ID = -1 padding) with no copy, gather or scatter. Prefill and tree
+verify stay on SGLang's kernels.
+
+Written against SGLang 0.5.23.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..op import gated_delta_rule_decode, split_packed_qkv
+
+
+def _kernel_base() -> type:
+    """SGLang's kernel interface where SGLang is installed; a plain base where it is not
+    (the GPU test machine), so the same adapter code runs and is tested on both."""
+    try:
+        from sglang.srt.layers.attention.linear.kernels.kernel_backend import (
+            LinearAttnKernelBase)
+    except ImportError:
+        return object
+    return LinearAttnKernelBase
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "gdn_backend"
+FLAG = f"--linear-attn-decode-backend {BACKEND_NAME}"
+DISPATCHER_INIT = "sglang.srt.layers.attention.linear.gdn_backend.GDNKernelDispatcher.__init__"
+
+
+def _refuse_unserved(kwargs: dict) -> None:
+    """SGLang's experimental ReplaySSM buffers need a kernel that serves them; this one does not."""
+    served = [name for name, value in kwargs.items()
+              if name.startswith("replayssm_") and value is not None]
+    if served:
+        raise NotImplementedError(
+            f"gdn_backend does not serve SGLang's ReplaySSM mode (got {', '.join(served)}): "
+            f"turn off --enable-linear-replayssm / --enable-linear-replayssm-spec, or drop {FLAG}")
+
+
+class GDNBackendKernel(_kernel_base()):
+    """SGLang's linear-attention kernel interface, served by gdn_backend's pooled op."""
+
+    supports_packed_decode = True
+    # Verify reads q/k/v as strided views of the conv output, like decode.
+    supports_strided_target_verify_qkv = True
+
+    def packed_decode(self, mixed_qkv, a, b, *, A_log, dt_bias, scale, ssm_states,
+                      cache_indices, num_v_heads, head_v_dim, **kwargs):
+        """One token per request from the conv output rows [B, 2HK + HV V]; returns [1, B, HV, V]."""
+        _refuse_unserved(kwargs)
+        K = ssm_states.shape[-1]
+        H = (mixed_qkv.shape[-1] - num_v_heads * head_v_dim) // (2 * K)
+        q, k, v = split_packed_qkv(mixed_qkv.unsqueeze(1), H, num_v_heads, K, head_v_dim)
+        out = gated_delta_rule_decode(
+            q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, ssm_states, cache_indices,
+            scale=scale)
+        return out.transpose(0, 1)
+
+    def decode(self, q, k, v, a, b, *, A_log, dt_bias, ssm_states, cache_indices,
+               query_start_loc, **kwargs):
+        """q, k [1, B, H, K] and v [1, B, HV, V] (views of the conv output); returns [1, B, HV, V]."""
+        _refuse_unserved(kwargs)
+        out = gated_delta_rule_decode(
+            q[0].unsqueeze(1), k[0].unsqueeze(1), v[0].unsqueeze(1), a.unsqueeze(1),
+            b.unsqueeze(1), A_log, dt_bias, ssm_states, cache_indices)
+        return out.transpose(0, 1)
+
+    def target_verify(self, A_log, dt_bias, q, k, v, a, b, *, ssm_states, cache_indices,
+                      query_start_loc, intermediate_states_buffer, intermediate_state_indices,
+                      cache_steps, retrieve_parent_token=None, **kwargs):
+        """Chain verify of T draft tokens per request, q/k/v [1, B*T, ...].
+
+        Writes the state after every token to intermediate_states_buffer[row, t]
+        ([rows, D_max, HV, V, K], row intermediate_state_indices[n]) and leaves the
+        pool alone: SGLang copies the accepted step back itself.
+        """
+        _refuse_unserved(kwargs)
+        if retrieve_parent_token is not None:
+            raise NotImplementedError(
+                "gdn_backend serves chain verify only; SGLang routes tree verify to its own kernel")
+        B = cache_indices.shape[0]
+        T = q.shape[1] // B
+        per_request = lambda x: x[0].unflatten(0, (B, T))  # noqa: E731  [B, T, heads, dim] views
+        out = gated_delta_rule_decode(
+            per_request(q), per_request(k), per_request(v), a.unflatten(0, (B, T)),
+            b.unflatten(0, (B, T)), A_log, dt_bias, ssm_states, cache_indices,
+            intermediate_states=intermediate_states_buffer[:, :T],
+            intermediate_indices=intermediate_state_indices[:B], update_state=False)
+        return out.flatten(0, 1).unsqueeze(0)
+
+    def extend(self, q, k, v, g, beta, *, ssm_states, cache_indices, query_start_loc, **kwargs):
+        raise NotImplementedError(
+            "gdn_backend serves GDN decode and chain verify; prefill stays on SGLang's kernels "
+            "(choose them with --linear-attn-prefill-backend)")
+
+
+def selected() -> bool:
+    """Whether this process's server arguments name gdn_backend for GDN decode."""
+    from sglang.srt.runtime_context import get_exec
+
+    mamba = get_exec().mamba
+    return BACKEND_NAME in (mamba.linear_attn_decode_backend, mamba.linear_attn_backend)
+
+
+def check_device() -> None:
+    """Fail at start-up, naming the flag to drop, where the kernel cannot run."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"gdn_backend needs an sm_90+ CUDA GPU and none is available: drop {FLAG}")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        raise RuntimeError(
+            f"gdn_backend needs an sm_90+ GPU (H100, H200 or newer); this one is sm_{major}{minor}: "
+            f"drop {FLAG}")
+
+
+def _dispatcher_init(original, self, decode_backend, prefill_backend, verify_backend=None):
+    """SGLang's dispatcher, with gdn_backend's kernel for decode and chain verify when chosen."""
+    if not selected():
+        return original(self, decode_backend, prefill_backend, verify_backend)
+    check_device()
+    from sglang.srt.layers.attention.linear.utils import LinearAttnKernelBackend
+    from sglang.srt.runtime_context import get_exec
+
+    # SGLang maps names it does not know to CUSTOM; let it build everything else as usual.
+    triton = LinearAttnKernelBackend.TRITON
+    original(self, triton, triton if prefill_backend.is_custom() else prefill_backend,
+             verify_backend)
+    kernel = GDNBackendKernel()
+    self.decode_kernel = kernel
+    self.supports_packed_decode = True
+    if get_exec().mamba.linear_attn_verify_backend is None:  # no explicit verify choice
+        self.verify_kernel = kernel
+        self.verify_kernel_is_flashinfer = False
+    logger.info("gdn_backend active: GDN decode%s run on gdn_backend's pooled CuTe DSL kernel",
+                " and chain verify" if self.verify_kernel is kernel else "")
+
+
+def register() -> None:
+    """SGLang general-plugin entry point (group `sglang.srt.plugins`)."""
+    from sglang.srt.arg_groups.choices import (
+        LINEAR_ATTN_KERNEL_BACKEND_CHOICES, add_linear_attn_kernel_backend_choices)
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if BACKEND_NAME not in LINEAR_ATTN_KERNEL_BACKEND_CHOICES:
+        add_linear_attn_kernel_backend_choices([BACKEND_NAME])
+    HookRegistry.register(DISPATCHER_INIT, _dispatcher_init, HookType.AROUND)

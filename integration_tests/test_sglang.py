@@ -1,0 +1,122 @@
+"""gdn_backend inside SGLang 0.5.23's real Python code (CPU: the op's reference path)."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from conftest import require
+
+require("sglang.srt.layers.attention.linear.gdn_backend")
+
+from sglang.srt import runtime_context  # noqa: E402
+from sglang.srt.layers.attention.linear import gdn_backend as sglang_gdn  # noqa: E402
+from sglang.srt.layers.attention.linear.kernels.kernel_backend import (  # noqa: E402
+    LinearAttnKernelBase)
+from sglang.srt.layers.attention.linear.utils import (  # noqa: E402
+    resolve_linear_attn_backends)
+from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group  # noqa: E402
+from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
+from sglang.srt.server_args import ServerArgs  # noqa: E402
+
+from gdn_backend import split_packed_qkv  # noqa: E402
+from gdn_backend.integrations import sglang as plugin  # noqa: E402
+from gdn_backend.reference import gated_delta_rule_decode_reference  # noqa: E402
+from gdn_backend.testing import relative_error  # noqa: E402
+
+H, HV, K, V = 2, 4, 128, 128
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def registered():
+    plugin.register()
+    HookRegistry.apply_hooks()
+    return plugin
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A local Qwen3-Next config, so SGLang resolves its arguments offline."""
+    from transformers import Qwen3NextConfig
+
+    path = tmp_path_factory.mktemp("qwen3_next")
+    Qwen3NextConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
+                    num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=H,
+                    linear_num_value_heads=HV, vocab_size=1000, num_experts=4,
+                    num_experts_per_tok=2, moe_intermediate_size=128,
+                    shared_expert_intermediate_size=128).save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["Qwen3NextForCausalLM"]
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def build_dispatcher(model_path, *flags):
+    """SGLang's dispatcher as its attention registry builds it, under SGLang's own
+    runtime context for these server flags."""
+    args = parse(["--model-path", model_path, "--device", "cpu", "--skip-tokenizer-init",
+                  "--disable-radix-cache", *flags])
+    ctx = runtime_context.create_context(ServerArgs.from_cli_args(args), role="scheduler")
+    with runtime_context.use_context(ctx):
+        backends = resolve_linear_attn_backends()
+        return sglang_gdn.GDNKernelDispatcher(backends.decode, backends.prefill, backends.verify)
+
+
+def test_sglang_loader_finds_the_plugin():
+    plugins = load_plugins_by_group(GENERAL_PLUGINS_GROUP)
+    assert plugins["gdn_backend"][0] is plugin.register
+
+
+def test_server_parser_accepts_the_flag(registered):
+    args = parse(["--model-path", "x", "--linear-attn-decode-backend", "gdn_backend"])
+    assert args.linear_attn_decode_backend == "gdn_backend"
+
+
+def test_kernel_implements_sglangs_interface():
+    assert issubclass(plugin.GDNBackendKernel, LinearAttnKernelBase)
+    assert plugin.GDNBackendKernel.supports_packed_decode
+
+
+def test_dispatcher_builds_gdn_backend_for_decode_and_verify(registered, tiny_model, monkeypatch):
+    monkeypatch.setattr(plugin, "check_device", lambda: None)  # the CPU machine has no GPU
+    dispatcher = build_dispatcher(tiny_model, "--linear-attn-decode-backend", "gdn_backend")
+    assert isinstance(dispatcher.decode_kernel, plugin.GDNBackendKernel)
+    assert dispatcher.supports_packed_decode
+    assert dispatcher.verify_kernel is dispatcher.decode_kernel
+    assert type(dispatcher.extend_kernel).__name__ == "TritonGDNKernel"
+    assert type(dispatcher.tree_verify_kernel).__name__ == "TritonGDNKernel"
+
+
+def test_explicit_verify_backend_is_kept(registered, tiny_model, monkeypatch):
+    monkeypatch.setattr(plugin, "check_device", lambda: None)
+    dispatcher = build_dispatcher(tiny_model, "--linear-attn-decode-backend", "gdn_backend",
+                                  "--linear-attn-verify-backend", "triton")
+    assert isinstance(dispatcher.decode_kernel, plugin.GDNBackendKernel)
+    assert type(dispatcher.verify_kernel).__name__ == "TritonGDNKernel"
+
+
+def test_other_backends_are_left_alone(registered, tiny_model):
+    dispatcher = build_dispatcher(tiny_model, "--linear-attn-decode-backend", "triton")
+    assert type(dispatcher.decode_kernel).__name__ == "TritonGDNKernel"
+
+
+def test_no_gpu_is_a_clear_startup_error(registered, tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="drop --linear-attn-decode-backend gdn_backend"):
+        build_dispatcher(tiny_model, "--linear-attn-decode-backend", "gdn_backend")
+
+
+def test_base_backend_flag_selects_decode_and_keeps_triton_prefill(registered, tiny_model,
+                                                                   monkeypatch):
+    monkeypatch.setattr(plugin, "check_device", lambda: None)
+    dispatcher = build_dispatcher(tiny_model, "--linear-attn-backend", "gdn_backend")
+    assert isinstance(dispatcher.decode_kernel, plugin.GDNBackendKernel)
+    assert type(dispatcher.extend_kernel).__name__ == "TritonGDNKernel"
