@@ -41,21 +41,25 @@ def registered():
     return plugin
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def write_tiny_model(path, head_dim=128):
     """A local Qwen3-Next config, so SGLang resolves its arguments offline."""
     from transformers import Qwen3NextConfig
 
-    path = tmp_path_factory.mktemp("qwen3_next")
     Qwen3NextConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
                     num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=H,
-                    linear_num_value_heads=HV, vocab_size=1000, num_experts=4,
+                    linear_num_value_heads=HV, linear_key_head_dim=head_dim,
+                    linear_value_head_dim=head_dim, vocab_size=1000, num_experts=4,
                     num_experts_per_tok=2, moe_intermediate_size=128,
                     shared_expert_intermediate_size=128).save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
     config["architectures"] = ["Qwen3NextForCausalLM"]
     (path / "config.json").write_text(json.dumps(config))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("qwen3_next"))
 
 
 def build_dispatcher(model_path, *flags):
@@ -120,3 +124,10 @@ def test_base_backend_flag_selects_decode_and_keeps_triton_prefill(registered, t
     dispatcher = build_dispatcher(tiny_model, "--linear-attn-backend", "gdn_backend")
     assert isinstance(dispatcher.decode_kernel, plugin.GDNBackendKernel)
     assert type(dispatcher.extend_kernel).__name__ == "TritonGDNKernel"
+
+
+def test_unsupported_head_dims_are_a_clear_startup_error(registered, tmp_path, monkeypatch):
+    monkeypatch.setattr(plugin, "check_device", lambda: None)
+    model = write_tiny_model(tmp_path, head_dim=64)
+    with pytest.raises(RuntimeError, match=r"K, V = \(64, 64\).*drop --linear-attn-decode-backend"):
+        build_dispatcher(model, "--linear-attn-decode-backend", "gdn_backend")

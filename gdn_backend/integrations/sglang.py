@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from ..kernels.launch import SUPPORTED_HEAD_DIMS
 from ..op import gated_delta_rule_decode, split_packed_qkv
 
 
@@ -128,11 +129,26 @@ def check_device() -> None:
             f"drop {FLAG}")
 
 
+def check_model() -> None:
+    """Fail at start-up, naming the flag to drop, for GDN head dims the kernel does not serve."""
+    from sglang.srt.arg_groups.model_override_base import model_config_of
+    from sglang.srt.runtime_context import get_server_args
+
+    hf = model_config_of(get_server_args()).hf_config
+    hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    dims = (getattr(hf, "linear_key_head_dim", None), getattr(hf, "linear_value_head_dim", None))
+    if any(d not in SUPPORTED_HEAD_DIMS for d in dims):
+        raise RuntimeError(
+            f"this model's GDN head dims are K, V = {dims}; gdn_backend's kernel serves "
+            f"{SUPPORTED_HEAD_DIMS} (Qwen3-Next): drop {FLAG}")
+
+
 def _dispatcher_init(original, self, decode_backend, prefill_backend, verify_backend=None):
     """SGLang's dispatcher, with gdn_backend's kernel for decode and chain verify when chosen."""
     if not selected():
         return original(self, decode_backend, prefill_backend, verify_backend)
     check_device()
+    check_model()
     from sglang.srt.layers.attention.linear.utils import LinearAttnKernelBackend
     from sglang.srt.runtime_context import get_exec
 
