@@ -8,6 +8,7 @@ that a kernel that skips work or misindexes cannot pass by accident.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -122,3 +123,13 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(x).all():
         return float("inf")
     return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Inside the block, any host synchronisation on CUDA is an error (torch's sync debug mode)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -6,7 +6,7 @@ import torch
 import gdn_backend
 from gdn_backend.kernels.compile import CACHE
 from gdn_backend import split_packed_qkv
-from gdn_backend.testing import PAD_SLOT_ID
+from gdn_backend.testing import PAD_SLOT_ID, no_host_sync
 
 pytestmark = pytest.mark.gpu
 
@@ -39,12 +39,9 @@ def test_graph_replay_with_new_requests_equals_eager(state_dtype, tokens):
             gdn_backend.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, pool_, idx, out=out_)
 
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             with torch.cuda.graph(graph):
                 step(pool, out)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
 
         for _ in range(3):
             # New requests in reused slots, the batch padded to the bucket with -1.
@@ -58,11 +55,8 @@ def test_graph_replay_with_new_requests_equals_eager(state_dtype, tokens):
             eager_pool, eager_out = pool.clone(), torch.empty_like(out)
             step(eager_pool, eager_out)
 
-            torch.cuda.set_sync_debug_mode("error")
-            try:
+            with no_host_sync():
                 graph.replay()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
             assert torch.equal(out, eager_out)
             assert (out[live:] == 0).all()
             assert torch.equal(pool, eager_pool)

@@ -8,7 +8,7 @@ from gdn_backend.kernels.compile import CACHE
 from gdn_backend.kernels.heuristics import choose_tile
 from gdn_backend.reference import gated_delta_rule_decode_reference
 from gdn_backend import split_packed_qkv
-from gdn_backend.testing import make_problem, relative_error
+from gdn_backend.testing import make_problem, no_host_sync, relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -125,9 +125,6 @@ def test_host_path_does_not_synchronise():
     problem = make_problem(8, 1, *TP8, num_padding=1, device="cuda", seed=13)
     out = torch.empty_like(problem.v)
     compiled = CACHE.compilations
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         gdn_backend.gated_delta_rule_decode(*problem.args, out=out)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     assert CACHE.compilations == compiled
