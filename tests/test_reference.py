@@ -38,7 +38,7 @@ def test_reference_matches_spec_over_tokens_and_gqa(tokens, heads):
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("qkv_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("qkv_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("gate_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_reference_matches_spec_over_dtypes(state_dtype, qkv_dtype, gate_dtype):
     problem = make_problem(5, 2, 2, 4, 64, 64, state_dtype=state_dtype, qkv_dtype=qkv_dtype,

@@ -23,7 +23,7 @@ def replace(**changes):
 
 
 CASES = {
-    "q dtype": (replace(q=lambda p: p.q.float()), TypeError, "q has dtype torch.float32"),
+    "q dtype": (replace(q=lambda p: p.q.double()), TypeError, "q has dtype torch.float64"),
     "k dtype differs": (replace(k=lambda p: p.k.half()), TypeError, "k has dtype torch.float16"),
     "q rank": (replace(q=lambda p: p.q[:, 0]), ValueError, "q has shape"),
     "k shape": (replace(k=lambda p: p.k[:, :, :1]), ValueError, "k has shape"),
