@@ -15,7 +15,7 @@ import torch
 
 from . import errors as _flag
 from .reference import gated_delta_rule_decode_reference
-from .validation import Problem, validate
+from .validation import validate
 
 OP_NAME = "gdn_backend::gated_delta_rule_decode"
 

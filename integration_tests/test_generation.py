@@ -83,7 +83,7 @@ def test_bf16_pool_on_the_gpu_keeps_the_logits_close():
     test holds the logits of every step, fed the same tokens, within 5e-2 relative of the
     fp32 pool's, and the top-1 choices agreeing in at least 95% of steps."""
     model = small_model("cuda", torch.float32)
-    tokens_by_step, logits = [], {}
+    logits = {}
     for dtype in (torch.float32, torch.bfloat16):
         engine = generate.PooledQwen3Next(model, 4, max_len=48, state_dtype=dtype)
         gen = torch.Generator().manual_seed(1)

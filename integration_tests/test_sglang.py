@@ -20,10 +20,7 @@ from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group  # n
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
-from gdn_backend import split_packed_qkv  # noqa: E402
 from gdn_backend.integrations import sglang as plugin  # noqa: E402
-from gdn_backend.reference import gated_delta_rule_decode_reference  # noqa: E402
-from gdn_backend.testing import relative_error  # noqa: E402
 
 H, HV, K, V = 2, 4, 128, 128
 
