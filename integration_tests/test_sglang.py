@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import require
+from engines import require
 
 require("sglang.srt.layers.attention.linear.gdn_backend")
 

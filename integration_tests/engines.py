@@ -1,3 +1,5 @@
+"""Helpers for tests against the engines' real code."""
+
 import importlib
 import os
 
