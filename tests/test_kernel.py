@@ -128,3 +128,17 @@ def test_host_path_does_not_synchronise():
     with no_host_sync():
         gdn_backend.gated_delta_rule_decode(*problem.args, out=out)
     assert CACHE.compilations == compiled
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_vanishing_decays_match_the_reference(state_dtype):
+    """Decays whose running product underflows (the kernel then folds it into the state)
+    and decays of exactly 0 (the state is forgotten) give the reference's answer."""
+    problem = make_problem(6, 8, *TP8, state_dtype=state_dtype, param_dtype=torch.float32,
+                           gate_dtype=torch.float32, device="cuda", seed=14)
+    problem.A_log.zero_()  # g = -softplus(a + dt_bias)
+    problem.dt_bias.zero_()
+    problem.a[0] = 13.8    # decay ~1e-6 a token: the product passes 1e-20 at the fourth
+    problem.a[1, 2] = 200  # decay exactly 0 at token 2
+    problem.a[2, ::2] = 30  # decay ~1e-13 every other token
+    assert_same_as_reference(problem)
