@@ -198,6 +198,44 @@ def format_row(r: dict) -> str:
             f"{peer('torch_us')} | {peer('fla_us')}")
 
 
+PEERS = {"ours_us": "gdn_backend", "torch_us": "PyTorch gather-step-scatter",
+         "fla_us": "FLA fused_recurrent + gather/scatter"}
+
+
+def plot(result: dict, path: str) -> None:
+    """Time over the copy of the same bytes against B: a panel per shape, pool and T, a line
+    per kernel and peer, 1.0 (the copy) drawn. Needs matplotlib (not on the GPU machine:
+    plot there from the JSON with --plot-from)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    panels = sorted({(r["shape"], r["pool"], r["T"]) for r in rows})
+    cols = len({p[2] for p in panels})
+    fig, axes = plt.subplots(len(panels) // cols, cols, figsize=(4.2 * cols, 3.2 * len(panels) // cols),
+                             squeeze=False, sharex=True)
+    for ax, (shape, pool, T) in zip(axes.flat, panels):
+        cell = sorted((r for r in rows if (r["shape"], r["pool"], r["T"]) == (shape, pool, T)),
+                      key=lambda r: r["B"])
+        for key, label in PEERS.items():
+            if key in cell[0]:
+                ax.plot([r["B"] for r in cell], [r[key] / r["copy_us"] for r in cell], marker="o",
+                        label=label)
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="copy of the same bytes")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{shape} {pool} pool, T={T}", fontsize=10)
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("time / copy")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"Pooled GDN decode on {result['device']} (cold L2, CUDA-graph replay; "
+                 f"copy ceiling {result['copy_ceiling_tbps']:.2f} TB/s)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -207,13 +245,21 @@ def main(argv=None) -> None:
     parser.add_argument("--replays", type=int, default=15)
     parser.add_argument("--no-peers", dest="peers", action="store_false")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="draw the ratios to the copy into this PNG (matplotlib)")
+    parser.add_argument("--plot-from", help="no run: plot a JSON an earlier run wrote")
     args = parser.parse_args(argv)
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot(json.load(f), args.plot or args.plot_from.removesuffix(".json") + ".png")
+        return
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA GPU")
     result = run(args.shapes, args.pools, args.batches, args.tokens, args.replays, args.peers)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
 
 
 if __name__ == "__main__":
