@@ -155,9 +155,6 @@ class CompileCache:
                     self.compilations += 1
         return fn
 
-    def __contains__(self, cfg: KernelConfig) -> bool:
-        return cfg in self._kernels
-
 
 CACHE = CompileCache()
 

@@ -45,10 +45,9 @@ def config_for(problem: Problem, q, k, a, A_log, dt_bias, state_pool, state_indi
     vec = 16 // state_pool.element_size()
     tile = choose_tile(problem.batch, problem.num_v_heads, problem.head_v_dim)
     state_ok = _aligned(state_pool, vec, state_pool.stride()[:1])
-    if intermediate_states is not None:
-        state_ok = state_ok and _aligned(intermediate_states, vec, intermediate_states.stride()[:2])
     mode = None
     if intermediate_states is not None:
+        state_ok = state_ok and _aligned(intermediate_states, vec, intermediate_states.stride()[:2])
         mode = "rows" if intermediate_indices is None else "indexed"
     return _compile.KernelConfig(
         num_heads=problem.num_heads, num_v_heads=problem.num_v_heads,
