@@ -81,6 +81,17 @@ def test_out_of_range_index_touches_nothing_and_sets_the_flag(device):
     assert not gdn_backend.read_error_flag(device)
 
 
+def test_index_check_mode_raises_on_an_out_of_range_index(device, monkeypatch):
+    monkeypatch.setenv("GDN_BACKEND_CHECK_INDICES", "1")
+    gdn_backend.clear_error_flag(device)
+    clean = make_problem(4, 1, 2, 4, num_slots=8, num_padding=1, device=device, seed=29)
+    decode(clean)  # no out-of-range index: no error
+    bad = make_problem(4, 1, 2, 4, num_slots=8, num_out_of_range=1, device=device, seed=30)
+    with pytest.raises(IndexError, match="was skipped"):
+        decode(bad)
+    assert not gdn_backend.read_error_flag(device)  # the check clears the flag it reports
+
+
 def test_valid_batch_leaves_the_flag_clear(device):
     problem = make_problem(5, 1, 2, 4, num_padding=2, device=device, seed=24)
     gdn_backend.clear_error_flag(device)
