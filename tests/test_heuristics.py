@@ -1,33 +1,46 @@
-"""The tile choice: every SM busy at small batches, more bytes per thread at large ones."""
+"""The tile choice: every SM busy at small batches, bytes in flight at large ones."""
 
 import pytest
 
-from gdn_backend.kernels.heuristics import LARGE, NUM_SMS, SMALL, TILES, TINY, choose_tile, tiles_for
+from gdn_backend.kernels.heuristics import LARGE, NUM_SMS, TINY, WIDE, choose_tile, tiles_for
+
+FP32, BF16 = 4, 2
 
 
-@pytest.mark.parametrize("batch, heads, tile", [
-    (1, 4, TINY), (4, 4, TINY), (32, 4, SMALL), (256, 4, LARGE),   # TP8
-    (1, 32, TINY), (4, 32, SMALL), (16, 32, LARGE), (256, 32, LARGE),  # TP1
+@pytest.mark.parametrize("batch, heads, tokens, state_bytes, tile", [
+    (1, 4, 1, FP32, TINY), (8, 4, 1, BF16, TINY), (16, 4, 1, FP32, WIDE), (256, 4, 4, BF16, LARGE),  # TP8
+    (1, 32, 1, FP32, TINY), (4, 32, 1, BF16, WIDE), (64, 32, 2, BF16, WIDE),                       # TP1
+    (64, 32, 2, FP32, LARGE), (256, 32, 4, FP32, LARGE), (256, 32, 8, BF16, LARGE),
 ])
-def test_tile_for_qwen3_next_shapes(batch, heads, tile):
-    assert choose_tile(batch, heads, 128) == tile
+def test_tile_for_qwen3_next_shapes(batch, heads, tokens, state_bytes, tile):
+    assert choose_tile(batch, heads, 128, tokens, state_bytes) == tile
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 8, 17, 33, 100, 1000])
 @pytest.mark.parametrize("heads", [4, 8, 32])
-def test_chosen_tile_fills_the_gpu_or_is_the_finest(batch, heads):
-    tile = choose_tile(batch, heads, 128)
-    ctas = batch * heads * (128 // tile.rows_per_cta)
-    assert ctas >= 4 * NUM_SMS or tile == TINY
+def test_the_finest_tile_exactly_where_32_row_tiles_leave_sms_idle(batch, heads):
+    idle = batch * heads * (128 // 32) < NUM_SMS
+    assert (choose_tile(batch, heads, 128, 1, FP32) == TINY) == idle
+
+
+@pytest.mark.parametrize("tokens", range(1, 9))
+@pytest.mark.parametrize("state_bytes", [FP32, BF16])
+def test_four_rows_a_thread_only_where_the_registers_allow(tokens, state_bytes):
+    wide = tokens == 1 or (tokens == 2 and state_bytes == BF16)
+    assert (choose_tile(256, 32, 128, tokens, state_bytes) == WIDE) == wide
 
 
 @pytest.mark.parametrize("heads", [4, 8, 32])
-def test_larger_batches_never_get_finer_tiles(heads):
-    order = {t: i for i, t in enumerate(TILES)}
-    chosen = [order[choose_tile(b, heads, 128)] for b in range(1, 513)]
-    assert chosen == sorted(chosen, reverse=True)
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+def test_larger_batches_never_get_finer_tiles(heads, tokens):
+    rows = [choose_tile(b, heads, 128, tokens, BF16).rows_per_cta for b in range(1, 513)]
+    assert rows == sorted(rows)
 
 
-def test_warmup_compiles_every_tile_the_heuristic_can_choose():
-    assert set(tiles_for(4, 128)) == {LARGE, SMALL, TINY}
-    assert set(tiles_for(32, 128)) == {choose_tile(b, 32, 128) for b in range(1, 4097)}
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+@pytest.mark.parametrize("state_bytes", [FP32, BF16])
+def test_warmup_compiles_every_tile_the_heuristic_can_choose(tokens, state_bytes):
+    for heads in (4, 32):
+        chosen = {choose_tile(b, heads, 128, tokens, state_bytes) for b in range(1, 4097)}
+        assert set(tiles_for(heads, 128, tokens, state_bytes)) == chosen
+        assert TINY in chosen and len(chosen) == 2

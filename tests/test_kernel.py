@@ -56,7 +56,7 @@ BATCHES = {TP8: (5, 20, 40), TP1: (1, 3, 12)}
 def test_every_tile_matches_the_reference(heads, state_dtype, tokens):
     tiles = set()
     for i, B in enumerate(BATCHES[heads]):
-        tiles.add(choose_tile(B, heads[1], 128))
+        tiles.add(choose_tile(B, heads[1], 128, tokens, state_dtype.itemsize))
         problem = make_problem(B, tokens, *heads, num_padding=min(1, B - 1), num_slots=3 * B + 5,
                                state_dtype=state_dtype, device="cuda", seed=100 + i)
         assert_same_as_reference(problem)

@@ -126,6 +126,7 @@ def build(cfg: KernelConfig):
         head_v_dim=cfg.head_v_dim, tokens=cfg.tokens, state_bytes=cfg.state_dtype.itemsize,
         rows_per_cta=cfg.rows_per_cta, rows_per_thread=cfg.rows_per_thread,
         intermediate=cfg.intermediate, update_state=cfg.update_state, use_pdl=cfg.use_pdl,
+        prefetch_state=cfg.state_vectorized,
     )
     return cute.compile(kernel, *fake_arguments(cfg), options="--enable-tvm-ffi")
 

@@ -19,6 +19,12 @@ so each row needs one pass over its registers and two 8-lane reductions.
 Padding (index < min_valid_slot) and out-of-range indices (>= P) are decided
 here: the CTA writes zero output and touches no state; out-of-range sets the
 device error flag.
+
+Under programmatic dependent launch, a CTA that starts while the previous kernel
+is still finishing reads its index ahead of time (it may yet change) and asks L2
+to prefetch that slot's tile; only an in-range slot is prefetched, and the state
+is read and written only through the index read after the wait. Each launch then
+lets the next one start, so its index and state latency overlap this one's tail.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, const_expr
+from cutlass._mlir.dialects import llvm
 
 LANES_PER_ROW = 8
 VECTOR_BYTES = 16
@@ -54,6 +61,7 @@ class GatedDeltaRuleDecode:
         intermediate: str | None = None,
         update_state: bool = True,
         use_pdl: bool = True,
+        prefetch_state: bool = True,
     ):
         self.H, self.HV, self.K, self.V, self.T = (
             num_heads, num_v_heads, head_k_dim, head_v_dim, tokens)
@@ -63,6 +71,7 @@ class GatedDeltaRuleDecode:
         assert self.vecs_per_lane * LANES_PER_ROW * self.vec == head_k_dim
         assert head_v_dim % rows_per_cta == 0 and rows_per_cta % rows_per_thread == 0
         self.rows_per_cta = rows_per_cta
+        self.tiles = head_v_dim // rows_per_cta
         self.rows_per_thread = rows_per_thread
         self.groups = rows_per_cta // rows_per_thread
         self.threads = self.groups * LANES_PER_ROW
@@ -70,6 +79,8 @@ class GatedDeltaRuleDecode:
         self.intermediate = intermediate
         self.update_state = update_state
         self.use_pdl = use_pdl
+        # The L2 prefetch of the state tile is a bulk copy: it needs a 16-byte aligned pool.
+        self.prefetch_state = prefetch_state
 
     @cute.jit
     def __call__(
@@ -91,7 +102,7 @@ class GatedDeltaRuleDecode:
         min_valid_slot: Int32,
         stream,
     ):
-        grid = [mIdx.shape[0], self.HV, self.V // self.rows_per_cta]
+        grid = [mIdx.shape[0] * self.HV * self.tiles, 1, 1]
         self.kernel(
             mQ, mK, mV, mA, mB, mALog, mDtBias, mPool, mIdx, mOut, mFlag, mInter, mInterIdx,
             scale, min_valid_slot,
@@ -125,16 +136,44 @@ class GatedDeltaRuleDecode:
         return x
 
     @cute.jit
-    def stage_unit_vector(self, src: cute.Tensor, dst: cute.Tensor, warp_lane: Int32, factor: Float32):
-        """One warp writes src * rsqrt(sum(src^2) + eps) * factor, in float32, to shared memory."""
+    def load_lane_chunk(self, src: cute.Tensor, warp_lane: Int32) -> cute.Tensor:
+        """This lane's K/32 elements of a [K] row, in registers."""
         chunk = self.K // 32
         frag = cute.make_rmem_tensor((chunk,), src.element_type)
         cute.autovec_copy(cute.local_tile(src, (chunk,), (warp_lane,)), frag)
+        return frag
+
+    @cute.jit
+    def stage_unit_vector(self, frag: cute.Tensor, dst: cute.Tensor, warp_lane: Int32, factor: Float32):
+        """One warp writes frag * rsqrt(sum(frag^2) + eps) * factor, in float32, to shared memory."""
+        chunk = self.K // 32
         x = frag.load().to(Float32)
         sum_sq = self.warp_sum((x * x).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
         unit = cute.make_rmem_tensor((chunk,), Float32)
         unit.store(x * (Float32(cute.math.rsqrt(sum_sq + Float32(L2NORM_EPS), fastmath=True)) * factor))
         cute.autovec_copy(unit, cute.local_tile(dst, (chunk,), (warp_lane,)))
+
+    @cute.jit
+    def prefetch_tile(self, mPool: cute.Tensor, mIdx: cute.Tensor, n, hv, tile, tidx: Int32,
+                      min_valid_slot: Int32):
+        """Before the previous kernel has finished: prefetch this CTA's state tile into L2.
+
+        The index may still be about to change, so it is read past L1 (ld.global.cg: the
+        authoritative read after griddepcontrol.wait must not find a stale L1 line) and only
+        steers a prefetch, which never faults and never changes what the kernel computes.
+        """
+        if tidx == 0:
+            ptr = (mIdx.iterator + n).llvm_ptr
+            width = mIdx.element_type.width
+            guess = Int64(mIdx.element_type(llvm.inline_asm(
+                mIdx.element_type.mlir_type, [ptr], f"ld.global.cg.b{width} $0, [$1];",
+                "=r,l" if width == 32 else "=l,l", has_side_effects=True)))
+            if guess >= Int64(min_valid_slot) and guess < Int64(mPool.shape[0]):
+                src = mPool[guess, hv, tile * self.rows_per_cta, None].iterator.llvm_ptr
+                nbytes = Int32(self.rows_per_cta * self.K * mPool.element_type.width // 8)
+                llvm.inline_asm(None, [src, nbytes.ir_value()],
+                                "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r",
+                                has_side_effects=True)
 
     @cute.jit
     def store_rows(self, frag: cute.Tensor, dst: cute.Tensor, lane: Int32, row0: Int32):
@@ -154,7 +193,10 @@ class GatedDeltaRuleDecode:
         scale: Float32, min_valid_slot: Int32,
     ):
         tidx, _, _ = cute.arch.thread_idx()
-        n, hv, tile = cute.arch.block_idx()
+        bid, _, _ = cute.arch.block_idx()
+        # Consecutive CTAs walk one request's heads tile by tile, so the CTAs in flight
+        # read few, long runs of contiguous state rather than one tile of many slots.
+        tile, hv, n = bid % self.tiles, (bid // self.tiles) % self.HV, bid // (self.tiles * self.HV)
         lane = tidx % LANES_PER_ROW
         warp, warp_lane = tidx // 32, tidx % 32
         row0 = tile * self.rows_per_cta + tidx // LANES_PER_ROW
@@ -168,8 +210,14 @@ class GatedDeltaRuleDecode:
         sGate = smem.allocate_tensor(Float32, cute.make_layout((2, T), stride=(1, 2)), byte_alignment=16)
 
         if const_expr(self.use_pdl):
+            # While the previous kernel finishes: pull this CTA's state into L2.
+            if const_expr(self.prefetch_state):
+                self.prefetch_tile(mPool, mIdx, n, hv, tile, tidx, min_valid_slot)
             # Everything below may read what the previous kernel wrote.
             cute.arch.griddepcontrol_wait()
+            # Let the next launch start its own prefetch now. Not before the wait: then
+            # launches would chain ahead without bound, each holding SM slots while waiting.
+            cute.arch.griddepcontrol_launch_dependents()
 
         slot = Int64(mIdx[n])
         valid = slot >= Int64(min_valid_slot) and slot < Int64(mPool.shape[0])
@@ -192,14 +240,16 @@ class GatedDeltaRuleDecode:
 
             # 2. While they fly, stage every token's inputs: one warp per unit vector, one
             #    thread per token's gates, each thread its rows' v.
-            for job in cutlass.range_constexpr(2 * T):
-                if warp == job % (self.threads // 32):
-                    if const_expr(job % 2 == 0):
-                        self.stage_unit_vector(mK[n, job // 2, h, None], sUnit[None, 0, job // 2],
-                                               warp_lane, Float32(1.0))
-                    else:
-                        self.stage_unit_vector(mQ[n, job // 2, h, None], sUnit[None, 1, job // 2],
-                                               warp_lane, scale)
+            warps = self.threads // 32
+            for w in cutlass.range_constexpr(min(warps, 2 * T)):
+                if warp == w:
+                    jobs = list(range(w, 2 * T, warps))  # job 2t is k of token t, 2t + 1 its q
+                    # All of this warp's loads first, so their latencies overlap.
+                    frags = [self.load_lane_chunk((mK if j % 2 == 0 else mQ)[n, j // 2, h, None],
+                                                  warp_lane) for j in jobs]
+                    for j, frag in zip(jobs, frags):
+                        self.stage_unit_vector(frag, sUnit[None, j % 2, j // 2], warp_lane,
+                                               Float32(1.0) if j % 2 == 0 else scale)
             if tidx < T:
                 x = Float32(mA[n, tidx, hv]) + Float32(mDtBias[hv])
                 softplus = x
@@ -241,5 +291,3 @@ class GatedDeltaRuleDecode:
                     for r in cutlass.range_constexpr(R):
                         mOut[n, t, hv, row0 + r * self.groups] = mOut.element_type(0.0)
 
-        if const_expr(self.use_pdl):
-            cute.arch.griddepcontrol_launch_dependents()

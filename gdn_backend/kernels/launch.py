@@ -43,7 +43,8 @@ def _aligned(t: torch.Tensor, elements: int, strides) -> bool:
 def config_for(problem: Problem, q, k, a, A_log, dt_bias, state_pool, state_indices,
                intermediate_states, intermediate_indices, update_state) -> _compile.KernelConfig:
     vec = 16 // state_pool.element_size()
-    tile = choose_tile(problem.batch, problem.num_v_heads, problem.head_v_dim)
+    tile = choose_tile(problem.batch, problem.num_v_heads, problem.head_v_dim, problem.tokens,
+                       state_pool.element_size())
     state_ok = _aligned(state_pool, vec, state_pool.stride()[:1])
     mode = None
     if intermediate_states is not None:
@@ -81,7 +82,8 @@ def gated_delta_rule_decode(
 def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
     """`base` at every tile the heuristic can choose for some batch size."""
     return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread)
-            for t in tiles_for(base.num_v_heads, base.head_v_dim)]
+            for t in tiles_for(base.num_v_heads, base.head_v_dim, base.tokens,
+                               base.state_dtype.itemsize)]
 
 
 def compile_ahead(base: _compile.KernelConfig) -> None:
