@@ -45,3 +45,19 @@ def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
     per_copy = cfg.rows_per_thread * cfg.head_k_dim // (8 * 16 // cfg.state_dtype.itemsize)
     copies = int(cfg.update_state) + (cfg.tokens if cfg.intermediate else 0)
     assert stores == (per_copy * copies if cfg.state_vectorized else 0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_prefetch_runs_ahead_of_the_wait_and_one_launch_at_most(ptx_dir, name):
+    cfg = VARIANTS[name]
+    ptx = (ptx_dir / f"{name}.ptx").read_text()
+    if not cfg.use_pdl:
+        assert "griddepcontrol" not in ptx and "prefetch" not in ptx
+        return
+    wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+    assert wait < trigger  # the next launch may start only once this one has passed its wait
+    prefetch = ptx.find("cp.async.bulk.prefetch.L2.global")
+    if cfg.state_vectorized:
+        assert 0 <= prefetch < wait and ptx.index("ld.global.cg") < prefetch
+    else:
+        assert prefetch < 0
