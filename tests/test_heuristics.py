@@ -8,9 +8,13 @@ FP32, BF16 = 4, 2
 
 
 @pytest.mark.parametrize("batch, heads, tokens, state_bytes, tile", [
-    (1, 4, 1, FP32, TINY), (8, 4, 1, BF16, TINY), (16, 4, 1, FP32, WIDE), (256, 4, 4, BF16, LARGE),  # TP8
-    (1, 32, 1, FP32, TINY), (4, 32, 1, BF16, WIDE), (64, 32, 2, BF16, WIDE),                       # TP1
-    (64, 32, 2, FP32, LARGE), (256, 32, 4, FP32, LARGE), (256, 32, 8, BF16, LARGE),
+    (1, 4, 1, FP32, TINY), (8, 4, 1, BF16, TINY), (16, 4, 1, FP32, WIDE), (64, 4, 1, FP32, TINY),  # TP8
+    (256, 4, 1, BF16, WIDE), (256, 4, 4, BF16, LARGE), (64, 4, 4, FP32, LARGE),
+    (256, 4, 4, FP32, WIDE),
+    (1, 32, 1, FP32, TINY), (4, 32, 1, BF16, WIDE), (4, 32, 1, FP32, WIDE),                       # TP1
+    (32, 32, 1, FP32, TINY), (64, 32, 2, BF16, WIDE), (64, 32, 2, FP32, LARGE),
+    (256, 32, 4, FP32, WIDE), (256, 32, 4, BF16, LARGE), (256, 32, 8, BF16, LARGE),
+    (256, 32, 8, FP32, LARGE),
 ])
 def test_tile_for_qwen3_next_shapes(batch, heads, tokens, state_bytes, tile):
     assert choose_tile(batch, heads, 128, tokens, state_bytes) == tile
@@ -18,29 +22,40 @@ def test_tile_for_qwen3_next_shapes(batch, heads, tokens, state_bytes, tile):
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 8, 17, 33, 100, 1000])
 @pytest.mark.parametrize("heads", [4, 8, 32])
-def test_the_finest_tile_exactly_where_32_row_tiles_leave_sms_idle(batch, heads):
-    idle = batch * heads * (128 // 32) < NUM_SMS
-    assert (choose_tile(batch, heads, 128, 1, FP32) == TINY) == idle
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+def test_the_finest_tile_wherever_32_row_tiles_leave_sms_idle(batch, heads, tokens):
+    if batch * heads * (128 // 32) < NUM_SMS:
+        assert choose_tile(batch, heads, 128, tokens, BF16) == TINY
+        assert choose_tile(batch, heads, 128, tokens, FP32) == TINY
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8, 17, 33, 100, 1000])
+@pytest.mark.parametrize("heads", [4, 8, 32])
+def test_one_token_on_fp32_takes_fine_tiles_below_132_ctas_and_from_256_heads(batch, heads):
+    fine = batch * heads * (128 // 32) < NUM_SMS or batch * heads >= 256
+    assert (choose_tile(batch, heads, 128, 1, FP32) == TINY) == fine
 
 
 @pytest.mark.parametrize("tokens", range(1, 9))
 @pytest.mark.parametrize("state_bytes", [FP32, BF16])
 def test_four_rows_a_thread_only_where_the_registers_allow(tokens, state_bytes):
-    wide = tokens == 1 or (tokens == 2 and state_bytes == BF16)
-    assert (choose_tile(256, 32, 128, tokens, state_bytes) == WIDE) == wide
+    # 32 requests of 32 heads: 1024 heads, past every small-grid rule.
+    wide = ((tokens == 1 and state_bytes == BF16) or (tokens == 2 and state_bytes == BF16)
+            or (state_bytes == FP32 and 2 < tokens <= 4))
+    assert (choose_tile(32, 32, 128, tokens, state_bytes) == WIDE) == wide
 
 
 @pytest.mark.parametrize("heads", [4, 8, 32])
 @pytest.mark.parametrize("tokens", [1, 2, 4])
-def test_larger_batches_never_get_finer_tiles(heads, tokens):
+def test_larger_batches_never_get_finer_tiles_on_a_bf16_pool(heads, tokens):
     rows = [choose_tile(b, heads, 128, tokens, BF16).rows_per_cta for b in range(1, 513)]
     assert rows == sorted(rows)
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 4])
+@pytest.mark.parametrize("tokens", [1, 2, 4, 8])
 @pytest.mark.parametrize("state_bytes", [FP32, BF16])
 def test_warmup_compiles_every_tile_the_heuristic_can_choose(tokens, state_bytes):
     for heads in (4, 32):
         chosen = {choose_tile(b, heads, 128, tokens, state_bytes) for b in range(1, 4097)}
         assert set(tiles_for(heads, 128, tokens, state_bytes)) == chosen
-        assert TINY in chosen and len(chosen) == 2
+        assert TINY in chosen and len(chosen) >= 2

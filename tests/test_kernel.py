@@ -5,7 +5,7 @@ import torch
 
 import gdn_backend
 from gdn_backend.kernels.compile import CACHE
-from gdn_backend.kernels.heuristics import choose_tile
+from gdn_backend.kernels.heuristics import choose_tile, tiles_for
 from gdn_backend.reference import gated_delta_rule_decode_reference
 from gdn_backend import split_packed_qkv
 from gdn_backend.testing import make_problem, no_host_sync, relative_error
@@ -47,7 +47,7 @@ def assert_same_as_reference(problem, **kwargs):
 
 
 # Batch sizes that reach each tile shape of the heuristic at TP8 and TP1.
-BATCHES = {TP8: (5, 20, 40), TP1: (1, 3, 12)}
+BATCHES = {TP8: (5, 20, 40, 130), TP1: (1, 3, 12, 17)}
 
 
 @pytest.mark.parametrize("heads", [TP1, TP8], ids=["tp1", "tp8"])
@@ -60,7 +60,7 @@ def test_every_tile_matches_the_reference(heads, state_dtype, tokens):
         problem = make_problem(B, tokens, *heads, num_padding=min(1, B - 1), num_slots=3 * B + 5,
                                state_dtype=state_dtype, device="cuda", seed=100 + i)
         assert_same_as_reference(problem)
-    assert len(tiles) >= 2
+    assert tiles == set(tiles_for(heads[1], 128, tokens, state_dtype.itemsize))
 
 
 @pytest.mark.parametrize("qkv_dtype", [torch.bfloat16, torch.float16, torch.float32])

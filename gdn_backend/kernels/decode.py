@@ -8,8 +8,8 @@ load or store moves whole 128-byte lines. The state is read once, held in
 registers in float32 across the T tokens, and written once.
 
 The kernel first issues the state loads, then, while they are in flight, stages
-every token's inputs in shared memory (k̂ and q̂ normalised once per CTA, decay
-and beta), so the token loop itself never waits on global memory.
+every token's inputs in shared memory (k̂ and q̂ normalised once per CTA, k̂·q̂,
+decay and beta), so the token loop itself never waits on global memory.
 
 Per token, SPEC.md's update is computed in the equivalent one-pass form
     Sk = S_old k̂,  Sq = S_old q̂            (both from the state as loaded)
@@ -38,6 +38,8 @@ LANES_PER_ROW = 8
 VECTOR_BYTES = 16
 L2NORM_EPS = 1e-6
 SOFTPLUS_THRESHOLD = 20.0
+# Rows of the per-token scalars staged in shared memory.
+DECAY, BETA, KQ = range(3)
 
 
 class GatedDeltaRuleDecode:
@@ -110,8 +112,8 @@ class GatedDeltaRuleDecode:
                  use_pdl=self.use_pdl)
 
     def smem_bytes(self) -> int:
-        # k̂ and q̂ of every token, then decay and beta of every token (16-byte aligned).
-        return (2 * self.K * self.T + 2 * self.T) * 4 + 32
+        # k̂ and q̂ of every token, then three scalars of every token (16-byte aligned).
+        return (2 * self.K * self.T + 3 * self.T) * 4 + 32
 
     @cute.jit
     def lane_columns(self, row: cute.Tensor, lane: Int32) -> cute.Tensor:
@@ -144,14 +146,51 @@ class GatedDeltaRuleDecode:
         return frag
 
     @cute.jit
-    def stage_unit_vector(self, frag: cute.Tensor, dst: cute.Tensor, warp_lane: Int32, factor: Float32):
-        """One warp writes frag * rsqrt(sum(frag^2) + eps) * factor, in float32, to shared memory."""
-        chunk = self.K // 32
+    def unit_vector(self, frag: cute.Tensor, factor: Float32):
+        """A warp's row, lane chunk by lane chunk: frag * rsqrt(sum(frag^2) + eps) * factor in float32."""
         x = frag.load().to(Float32)
         sum_sq = self.warp_sum((x * x).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-        unit = cute.make_rmem_tensor((chunk,), Float32)
-        unit.store(x * (Float32(cute.math.rsqrt(sum_sq + Float32(L2NORM_EPS), fastmath=True)) * factor))
-        cute.autovec_copy(unit, cute.local_tile(dst, (chunk,), (warp_lane,)))
+        return x * (Float32(cute.math.rsqrt(sum_sq + Float32(L2NORM_EPS), fastmath=True)) * factor)
+
+    @cute.jit
+    def stage_inputs(self, mQ: cute.Tensor, mK: cute.Tensor, mA: cute.Tensor, mB: cute.Tensor,
+                     mALog: cute.Tensor, mDtBias: cute.Tensor, sUnit: cute.Tensor, sGate: cute.Tensor,
+                     n, h, hv, warp: Int32, warp_lane: Int32, scale: Float32):
+        """Every token's k̂, q̂ and k̂·q̂ (one warp per token), and its gates (the last warp)."""
+        T = self.T
+        warps = self.threads // 32
+        chunk = self.K // 32
+        # The gate inputs first: the last warp may also own tokens, and these loads must not
+        # wait behind their normalisation. Lane t reads token t's (lanes past T repeat T - 1).
+        t_gate = cutlass.min(warp_lane, T - 1)
+        a_raw, b_raw = mA[n, t_gate, hv], mB[n, t_gate, hv]
+        a_log, dt_bias = mALog[hv], mDtBias[hv]
+        for w in cutlass.range_constexpr(min(warps, T)):
+            if warp == w:
+                tokens = list(range(w, T, warps))
+                # All of this warp's loads first, so their latencies overlap.
+                frags = [(self.load_lane_chunk(mK[n, t, h, None], warp_lane),
+                          self.load_lane_chunk(mQ[n, t, h, None], warp_lane)) for t in tokens]
+                for t, (k_frag, q_frag) in zip(tokens, frags):
+                    k_unit = self.unit_vector(k_frag, Float32(1.0))
+                    q_unit = self.unit_vector(q_frag, scale)
+                    for j, unit in ((0, k_unit), (1, q_unit)):
+                        staged = cute.make_rmem_tensor((chunk,), Float32)
+                        staged.store(unit)
+                        cute.autovec_copy(staged, cute.local_tile(sUnit[None, j, t], (chunk,), (warp_lane,)))
+                    kq = self.warp_sum((k_unit * q_unit).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+                    if warp_lane == 0:
+                        sGate[KQ, t] = kq
+        if warp == warps - 1:
+            if warp_lane < T:  # lane t: token t's decay and beta
+                x = Float32(a_raw) + Float32(dt_bias)
+                softplus = x
+                if x <= Float32(SOFTPLUS_THRESHOLD):
+                    softplus = Float32(cute.math.log(Float32(1.0) + Float32(cute.math.exp(x))))
+                sGate[DECAY, warp_lane] = Float32(cute.math.exp(
+                    -Float32(cute.math.exp(Float32(a_log))) * softplus))
+                sGate[BETA, warp_lane] = Float32(1.0) / (
+                    Float32(1.0) + Float32(cute.math.exp(-Float32(b_raw))))
 
     @cute.jit
     def prefetch_tile(self, mPool: cute.Tensor, mIdx: cute.Tensor, n, hv, tile, tidx: Int32,
@@ -204,10 +243,11 @@ class GatedDeltaRuleDecode:
         R, T = self.rows_per_thread, self.T
 
         smem = cutlass.utils.SmemAllocator()
-        # sUnit[:, 0, t] = k̂ of token t, sUnit[:, 1, t] = q̂ (scaled); sGate[0|1, t] = decay, beta.
+        # sUnit[:, 0, t] = k̂ of token t, sUnit[:, 1, t] = q̂ (scaled); sGate[:, t] = its
+        # decay, beta and k̂·q̂.
         sUnit = smem.allocate_tensor(
             Float32, cute.make_layout((self.K, 2, T), stride=(1, self.K, 2 * self.K)), byte_alignment=16)
-        sGate = smem.allocate_tensor(Float32, cute.make_layout((2, T), stride=(1, 2)), byte_alignment=16)
+        sGate = smem.allocate_tensor(Float32, cute.make_layout((3, T), stride=(T, 1)), byte_alignment=16)
 
         if const_expr(self.use_pdl):
             # While the previous kernel finishes: pull this CTA's state into L2.
@@ -238,30 +278,14 @@ class GatedDeltaRuleDecode:
                 cute.autovec_copy(self.lane_columns(gS[row0 + r * self.groups, None], lane),
                                   raw[None, None, r])
 
-            # 2. While they fly, stage every token's inputs: one warp per unit vector, one
-            #    thread per token's gates, each thread its rows' v.
-            warps = self.threads // 32
-            for w in cutlass.range_constexpr(min(warps, 2 * T)):
-                if warp == w:
-                    jobs = list(range(w, 2 * T, warps))  # job 2t is k of token t, 2t + 1 its q
-                    # All of this warp's loads first, so their latencies overlap.
-                    frags = [self.load_lane_chunk((mK if j % 2 == 0 else mQ)[n, j // 2, h, None],
-                                                  warp_lane) for j in jobs]
-                    for j, frag in zip(jobs, frags):
-                        self.stage_unit_vector(frag, sUnit[None, j % 2, j // 2], warp_lane,
-                                               Float32(1.0) if j % 2 == 0 else scale)
-            if tidx < T:
-                x = Float32(mA[n, tidx, hv]) + Float32(mDtBias[hv])
-                softplus = x
-                if x <= Float32(SOFTPLUS_THRESHOLD):
-                    softplus = Float32(cute.math.log(Float32(1.0) + Float32(cute.math.exp(x))))
-                sGate[0, tidx] = Float32(cute.math.exp(
-                    -Float32(cute.math.exp(Float32(mALog[hv]))) * softplus))
-                sGate[1, tidx] = Float32(1.0) / (Float32(1.0) + Float32(cute.math.exp(-Float32(mB[n, tidx, hv]))))
+            # 2. While they fly: this thread's rows' v (issued now, so their latency is not
+            #    behind the staging), then every token's inputs in shared memory.
             v_in = cute.make_rmem_tensor((R, T), Float32)
             for t in cutlass.range_constexpr(T):
                 for r in cutlass.range_constexpr(R):
                     v_in[r, t] = Float32(mV[n, t, hv, row0 + r * self.groups])
+            self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, sUnit, sGate, n, h, hv, warp,
+                              warp_lane, scale)
             cute.arch.barrier()
 
             # 3. The T tokens, the state in float32 registers throughout.
@@ -270,8 +294,7 @@ class GatedDeltaRuleDecode:
             for t in cutlass.range_constexpr(T):
                 k_hat = self.lane_columns(sUnit[None, 0, t], lane).load()
                 q_hat = self.lane_columns(sUnit[None, 1, t], lane).load()
-                kq = self.row_sum((k_hat * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-                decay, beta = sGate[0, t], sGate[1, t]
+                decay, beta = sGate[DECAY, t], sGate[BETA, t]
                 for r in cutlass.range_constexpr(R):
                     s = state[None, None, r].load()
                     sk = self.row_sum((s * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
@@ -279,7 +302,10 @@ class GatedDeltaRuleDecode:
                     u = beta * (v_in[r, t] - decay * sk)
                     state[None, None, r].store(s * decay + k_hat * u)
                     if lane == 0:
-                        mOut[n, t, hv, row0 + r * self.groups] = (decay * sq + u * kq).to(mOut.element_type)
+                        # k̂·q̂ is read where it is used: loaded with the others, it cost
+                        # fp32 tiles 26 registers.
+                        mOut[n, t, hv, row0 + r * self.groups] = (
+                            decay * sq + u * sGate[KQ, t]).to(mOut.element_type)
                 if const_expr(self.intermediate is not None):
                     self.store_rows(state, mInter[inter_row, t, hv, None, None], lane, row0)
 

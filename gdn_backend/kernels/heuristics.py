@@ -1,16 +1,18 @@
 """Which tile shape serves a call: the kernel's one run-time choice.
 
 A CTA owns `rows_per_cta` rows of one request's head; each thread holds
-`rows_per_thread` of them. The rules come from the tile sweep on the H100
-(docs/performance.md):
+`rows_per_thread` of them. The rules come from the tile sweeps on the H100
+(docs/perf_log.md, v5):
 
 - A batch whose 32-row tiles would not give every SM a CTA is latency-bound:
   8-row tiles spread each head over 16 CTAs.
-- Otherwise bytes in flight decide. One token (and two with a bf16 pool, whose
-  registers hold half the bytes) leaves room for 4 rows a thread (about 120
-  registers, 8 CTAs of 64 threads an SM). More tokens keep more per-token values
-  live, and 4 rows a thread would cost occupancy (155 registers at fp32, T=4):
-  2 rows a thread.
+- One token, and two with a bf16 pool: 4 rows a thread (about 120-130
+  registers, 64 threads) keep the most bytes in flight. With an fp32 pool and
+  one token, from 256 heads (B x HV) on, 8-row tiles measured 2-4% faster: as
+  many bytes in flight, in CTAs small enough to balance across SMs.
+- More tokens keep more per-token values live. With a bf16 pool, and below 512
+  heads with an fp32 one, 2 rows a thread (96 registers) win; an fp32 pool at
+  3-4 tokens and 512+ heads is bound by bytes again, and 4 rows a thread win.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 # H100: 132 SMs.
 NUM_SMS = 132
+FINE_FP32_FROM_HEADS = 256
+WIDE_FP32_FROM_HEADS = 512
 
 
 @dataclass(frozen=True)
@@ -36,9 +40,13 @@ TILES = (WIDE, LARGE, TINY)
 def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int) -> Tile:
     """The tile for `batch` requests of `num_v_heads` heads of `head_v_dim` rows, `tokens`
     tokens each, on a pool of `state_bytes`-byte elements."""
-    if batch * num_v_heads * (head_v_dim // LARGE.rows_per_cta) < NUM_SMS:
+    heads = batch * num_v_heads
+    fp32 = state_bytes == 4
+    if heads * (head_v_dim // LARGE.rows_per_cta) < NUM_SMS:
         return TINY
-    if tokens == 1 or (tokens == 2 and state_bytes == 2):
+    if tokens == 1:
+        return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
+    if (tokens == 2 and not fp32) or (fp32 and 2 < tokens <= 4 and heads >= WIDE_FP32_FROM_HEADS):
         return WIDE
     return LARGE
 
