@@ -58,4 +58,5 @@ def test_warmup_compiles_every_tile_the_heuristic_can_choose(tokens, state_bytes
     for heads in (4, 32):
         chosen = {choose_tile(b, heads, 128, tokens, state_bytes) for b in range(1, 4097)}
         assert set(tiles_for(heads, 128, tokens, state_bytes)) == chosen
-        assert TINY in chosen and len(chosen) >= 2
+        # 32x4 joins 8x1 and 32x2 only for fp32 at 3-4 tokens.
+        assert TINY in chosen and len(chosen) == (3 if state_bytes == FP32 and 2 < tokens <= 4 else 2)

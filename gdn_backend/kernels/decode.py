@@ -160,13 +160,16 @@ class GatedDeltaRuleDecode:
         T = self.T
         warps = self.threads // 32
         chunk = self.K // 32
-        # The gate inputs first: the last warp may also own tokens, and these loads must not
-        # wait behind their normalisation. Lane t reads token t's (lanes past T repeat T - 1).
-        t_gate = cutlass.min(warp_lane, T - 1)
-        a_raw, b_raw = mA[n, t_gate, hv], mB[n, t_gate, hv]
-        a_log, dt_bias = mALog[hv], mDtBias[hv]
-        for w in cutlass.range_constexpr(min(warps, T)):
+        for w in cutlass.range_constexpr(warps):
             if warp == w:
+                gates = w == warps - 1
+                if const_expr(gates):
+                    # Lane t reads token t's gate inputs (lanes past T repeat T - 1), first:
+                    # this warp may also own tokens, and these loads must not wait behind
+                    # their normalisation.
+                    t_gate = cutlass.min(warp_lane, T - 1)
+                    a_raw, b_raw = mA[n, t_gate, hv], mB[n, t_gate, hv]
+                    a_log, dt_bias = mALog[hv], mDtBias[hv]
                 tokens = list(range(w, T, warps))
                 # All of this warp's loads first, so their latencies overlap.
                 frags = [(self.load_lane_chunk(mK[n, t, h, None], warp_lane),
@@ -181,16 +184,16 @@ class GatedDeltaRuleDecode:
                     kq = self.warp_sum((k_unit * q_unit).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
                     if warp_lane == 0:
                         sGate[KQ, t] = kq
-        if warp == warps - 1:
-            if warp_lane < T:  # lane t: token t's decay and beta
-                x = Float32(a_raw) + Float32(dt_bias)
-                softplus = x
-                if x <= Float32(SOFTPLUS_THRESHOLD):
-                    softplus = Float32(cute.math.log(Float32(1.0) + Float32(cute.math.exp(x))))
-                sGate[DECAY, warp_lane] = Float32(cute.math.exp(
-                    -Float32(cute.math.exp(Float32(a_log))) * softplus))
-                sGate[BETA, warp_lane] = Float32(1.0) / (
-                    Float32(1.0) + Float32(cute.math.exp(-Float32(b_raw))))
+                if const_expr(gates):
+                    if warp_lane < T:  # lane t: token t's decay and beta
+                        x = Float32(a_raw) + Float32(dt_bias)
+                        softplus = x
+                        if x <= Float32(SOFTPLUS_THRESHOLD):
+                            softplus = Float32(cute.math.log(Float32(1.0) + Float32(cute.math.exp(x))))
+                        sGate[DECAY, warp_lane] = Float32(cute.math.exp(
+                            -Float32(cute.math.exp(Float32(a_log))) * softplus))
+                        sGate[BETA, warp_lane] = Float32(1.0) / (
+                            Float32(1.0) + Float32(cute.math.exp(-Float32(b_raw))))
 
     @cute.jit
     def prefetch_tile(self, mPool: cute.Tensor, mIdx: cute.Tensor, n, hv, tile, tidx: Int32,
