@@ -9,11 +9,12 @@ FP32, BF16 = 4, 2
 
 @pytest.mark.parametrize("batch, heads, tokens, state_bytes, tile", [
     (1, 4, 1, FP32, TINY), (8, 4, 1, BF16, TINY), (16, 4, 1, FP32, WIDE), (64, 4, 1, FP32, TINY),  # TP8
-    (256, 4, 1, BF16, WIDE), (256, 4, 4, BF16, LARGE), (64, 4, 4, FP32, LARGE),
-    (256, 4, 4, FP32, WIDE),
+    (256, 4, 1, BF16, WIDE), (128, 4, 4, BF16, LARGE), (192, 4, 4, BF16, WIDE),
+    (64, 4, 4, FP32, LARGE), (256, 4, 4, FP32, LARGE), (256, 4, 2, BF16, LARGE),
     (1, 32, 1, FP32, TINY), (4, 32, 1, BF16, WIDE), (4, 32, 1, FP32, WIDE),                       # TP1
-    (32, 32, 1, FP32, TINY), (64, 32, 2, BF16, WIDE), (64, 32, 2, FP32, LARGE),
-    (256, 32, 4, FP32, WIDE), (256, 32, 4, BF16, LARGE), (256, 32, 8, BF16, LARGE),
+    (32, 32, 1, FP32, TINY), (64, 32, 2, BF16, LARGE), (64, 32, 2, FP32, LARGE),
+    (16, 32, 4, BF16, LARGE), (24, 32, 4, BF16, WIDE), (256, 32, 4, BF16, WIDE),
+    (256, 32, 3, BF16, LARGE), (256, 32, 4, FP32, LARGE), (256, 32, 8, BF16, LARGE),
     (256, 32, 8, FP32, LARGE),
 ])
 def test_tile_for_qwen3_next_shapes(batch, heads, tokens, state_bytes, tile):
@@ -38,10 +39,9 @@ def test_one_token_on_fp32_takes_fine_tiles_below_132_ctas_and_from_256_heads(ba
 
 @pytest.mark.parametrize("tokens", range(1, 9))
 @pytest.mark.parametrize("state_bytes", [FP32, BF16])
-def test_four_rows_a_thread_only_where_the_registers_allow(tokens, state_bytes):
+def test_four_rows_a_thread_for_one_token_and_for_four_on_a_bf16_pool(tokens, state_bytes):
     # 32 requests of 32 heads: 1024 heads, past every small-grid rule.
-    wide = ((tokens == 1 and state_bytes == BF16) or (tokens == 2 and state_bytes == BF16)
-            or (state_bytes == FP32 and 2 < tokens <= 4))
+    wide = state_bytes == BF16 and tokens in (1, 4)
     assert (choose_tile(32, 32, 128, tokens, state_bytes) == WIDE) == wide
 
 
@@ -58,5 +58,5 @@ def test_warmup_compiles_every_tile_the_heuristic_can_choose(tokens, state_bytes
     for heads in (4, 32):
         chosen = {choose_tile(b, heads, 128, tokens, state_bytes) for b in range(1, 4097)}
         assert set(tiles_for(heads, 128, tokens, state_bytes)) == chosen
-        # 32x4 joins 8x1 and 32x2 only for fp32 at 3-4 tokens.
-        assert TINY in chosen and len(chosen) == (3 if state_bytes == FP32 and 2 < tokens <= 4 else 2)
+        # 8x1 and one 32-row tile, except four tokens on a bf16 pool: 8x1, 32x2 and 32x4.
+        assert TINY in chosen and len(chosen) == (3 if state_bytes == BF16 and tokens == 4 else 2)

@@ -47,7 +47,7 @@ def assert_same_as_reference(problem, **kwargs):
 
 
 # Batch sizes that reach each tile shape of the heuristic at TP8 and TP1.
-BATCHES = {TP8: (5, 20, 40, 130), TP1: (1, 3, 12, 17)}
+BATCHES = {TP8: (5, 20, 40, 200), TP1: (1, 3, 12, 25)}
 
 
 @pytest.mark.parametrize("heads", [TP1, TP8], ids=["tp1", "tp8"])

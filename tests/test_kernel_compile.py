@@ -47,17 +47,27 @@ def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
     assert stores == (per_copy * copies if cfg.state_vectorized else 0)
 
 
+PREFETCH = "cp.async.bulk.prefetch.L2.global"
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_state_prefetch_runs_ahead_of_the_wait_and_one_launch_at_most(ptx_dir, name):
     cfg = VARIANTS[name]
     ptx = (ptx_dir / f"{name}.ptx").read_text()
     if not cfg.use_pdl:
-        assert "griddepcontrol" not in ptx and "prefetch" not in ptx
+        assert "griddepcontrol" not in ptx
         return
     wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
     assert wait < trigger  # the next launch may start only once this one has passed its wait
-    prefetch = ptx.find("cp.async.bulk.prefetch.L2.global")
     if cfg.state_vectorized:
-        assert 0 <= prefetch < wait and ptx.index("ld.global.cg") < prefetch
+        assert ptx.index("ld.global.cg") < ptx.index(PREFETCH) < wait
     else:
-        assert prefetch < 0
+        assert PREFETCH not in ptx
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_each_cta_prefetches_one_later_tile_once_the_indices_are_final(ptx_dir, name):
+    cfg = VARIANTS[name]
+    ptx = (ptx_dir / f"{name}.ptx").read_text()
+    after_wait = ptx[ptx.index("griddepcontrol.wait"):] if cfg.use_pdl else ptx
+    assert after_wait.count(PREFETCH) == (1 if cfg.state_vectorized else 0)

@@ -25,6 +25,9 @@ is still finishing reads its index ahead of time (it may yet change) and asks L2
 to prefetch that slot's tile; only an in-range slot is prefetched, and the state
 is read and written only through the index read after the wait. Each launch then
 lets the next one start, so its index and state latency overlap this one's tail.
+Within a launch, each CTA also asks L2 for the tile of the CTA PREFETCH_AHEAD_BYTES
+of state later in the grid, so CTAs mostly find their state in L2 and the DRAM
+stream no longer waits on CTAs starting.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ L2NORM_EPS = 1e-6
 SOFTPLUS_THRESHOLD = 20.0
 # Rows of the per-token scalars staged in shared memory.
 DECAY, BETA, KQ = range(3)
+# A CTA prefetches into L2 the state tile of the CTA this many bytes of state later in the
+# grid: far enough ahead to land before that CTA starts, near enough to still be in L2
+# when it does, under the stream of written-back state (H100 sweep: 3-4 MiB best, 8 MiB and
+# more evicted before use).
+PREFETCH_AHEAD_BYTES = 4 << 20
+# k̂ and q̂ rows in shared memory skip 4 words after every 32: see `unit_layout`.
+SMEM_SKEW_EVERY, SMEM_SKEW = 32, 4
 
 
 class GatedDeltaRuleDecode:
@@ -83,6 +93,9 @@ class GatedDeltaRuleDecode:
         self.use_pdl = use_pdl
         # The L2 prefetch of the state tile is a bulk copy: it needs a 16-byte aligned pool.
         self.prefetch_state = prefetch_state
+        # CTAs ahead whose tile a CTA prefetches (0: none).
+        tile_bytes = rows_per_cta * head_k_dim * state_bytes
+        self.prefetch_ahead = PREFETCH_AHEAD_BYTES // tile_bytes if prefetch_state else 0
 
     @cute.jit
     def __call__(
@@ -111,9 +124,23 @@ class GatedDeltaRuleDecode:
         ).launch(grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes(), stream=stream,
                  use_pdl=self.use_pdl)
 
+    def unit_row_words(self) -> int:
+        return self.K + self.K // SMEM_SKEW_EVERY * SMEM_SKEW
+
+    def unit_layout(self):
+        """(K, 2, T): k̂ and q̂ of every token, each row skewed by 4 words every 32 columns.
+
+        With a bf16 pool a lane's columns are 32 bytes apart from the next lane's, so unskewed
+        lanes l and l + 4 of a row hit the same banks: every 16-byte shared load took two
+        passes per quarter warp (ncu: 7.6 wavefronts per load against 3.9 skewed).
+        """
+        row = self.unit_row_words()
+        return cute.make_layout(((SMEM_SKEW_EVERY, self.K // SMEM_SKEW_EVERY), 2, self.T),
+                                stride=((1, SMEM_SKEW_EVERY + SMEM_SKEW), row, 2 * row))
+
     def smem_bytes(self) -> int:
         # k̂ and q̂ of every token, then three scalars of every token (16-byte aligned).
-        return (2 * self.K * self.T + 3 * self.T) * 4 + 32
+        return (2 * self.unit_row_words() * self.T + 3 * self.T) * 4 + 32
 
     @cute.jit
     def lane_columns(self, row: cute.Tensor, lane: Int32) -> cute.Tensor:
@@ -182,8 +209,7 @@ class GatedDeltaRuleDecode:
                         staged.store(unit)
                         cute.autovec_copy(staged, cute.local_tile(sUnit[None, j, t], (chunk,), (warp_lane,)))
                     kq = self.warp_sum((k_unit * q_unit).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-                    if warp_lane == 0:
-                        sGate[KQ, t] = kq
+                    sGate[KQ, t] = kq  # every lane holds the sum: no branch, one store wins
                 if const_expr(gates):
                     if warp_lane < T:  # lane t: token t's decay and beta
                         x = Float32(a_raw) + Float32(dt_bias)
@@ -210,12 +236,27 @@ class GatedDeltaRuleDecode:
             guess = Int64(mIdx.element_type(llvm.inline_asm(
                 mIdx.element_type.mlir_type, [ptr], f"ld.global.cg.b{width} $0, [$1];",
                 "=r,l" if width == 32 else "=l,l", has_side_effects=True)))
-            if guess >= Int64(min_valid_slot) and guess < Int64(mPool.shape[0]):
-                src = mPool[guess, hv, tile * self.rows_per_cta, None].iterator.llvm_ptr
-                nbytes = Int32(self.rows_per_cta * self.K * mPool.element_type.width // 8)
-                llvm.inline_asm(None, [src, nbytes.ir_value()],
-                                "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r",
-                                has_side_effects=True)
+            self.prefetch_l2(mPool, guess, hv, tile, min_valid_slot)
+
+    @cute.jit
+    def prefetch_l2(self, mPool: cute.Tensor, slot: Int64, hv, tile, min_valid_slot: Int32):
+        """Bulk-prefetch one state tile into L2, if `slot` is in range (else nothing)."""
+        if slot >= Int64(min_valid_slot) and slot < Int64(mPool.shape[0]):
+            src = mPool[slot, hv, tile * self.rows_per_cta, None].iterator.llvm_ptr
+            nbytes = Int32(self.rows_per_cta * self.K * mPool.element_type.width // 8)
+            llvm.inline_asm(None, [src, nbytes.ir_value()],
+                            "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r",
+                            has_side_effects=True)
+
+    @cute.jit
+    def prefetch_later_tile(self, mPool: cute.Tensor, mIdx: cute.Tensor, bid: Int32,
+                            min_valid_slot: Int32):
+        """Prefetch into L2 the tile of the CTA `prefetch_ahead` places later in this grid."""
+        later = bid + self.prefetch_ahead
+        n = later // (self.tiles * self.HV)
+        if n < mIdx.shape[0]:
+            self.prefetch_l2(mPool, Int64(mIdx[n]), (later // self.tiles) % self.HV,
+                             later % self.tiles, min_valid_slot)
 
     @cute.jit
     def store_rows(self, frag: cute.Tensor, dst: cute.Tensor, lane: Int32, row0: Int32):
@@ -248,8 +289,7 @@ class GatedDeltaRuleDecode:
         smem = cutlass.utils.SmemAllocator()
         # sUnit[:, 0, t] = k̂ of token t, sUnit[:, 1, t] = q̂ (scaled); sGate[:, t] = its
         # decay, beta and k̂·q̂.
-        sUnit = smem.allocate_tensor(
-            Float32, cute.make_layout((self.K, 2, T), stride=(1, self.K, 2 * self.K)), byte_alignment=16)
+        sUnit = smem.allocate_tensor(Float32, self.unit_layout(), byte_alignment=16)
         sGate = smem.allocate_tensor(Float32, cute.make_layout((3, T), stride=(T, 1)), byte_alignment=16)
 
         if const_expr(self.use_pdl):
@@ -263,6 +303,9 @@ class GatedDeltaRuleDecode:
             cute.arch.griddepcontrol_launch_dependents()
 
         slot = Int64(mIdx[n])
+        if const_expr(self.prefetch_ahead > 0):
+            if tidx == 0:
+                self.prefetch_later_tile(mPool, mIdx, bid, min_valid_slot)
         valid = slot >= Int64(min_valid_slot) and slot < Int64(mPool.shape[0])
         out_of_range = slot >= Int64(mPool.shape[0])
         inter_row = Int64(n)
@@ -304,11 +347,11 @@ class GatedDeltaRuleDecode:
                     sq = self.row_sum((s * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
                     u = beta * (v_in[r, t] - decay * sk)
                     state[None, None, r].store(s * decay + k_hat * u)
-                    if lane == 0:
-                        # k̂·q̂ is read where it is used: loaded with the others, it cost
-                        # fp32 tiles 26 registers.
-                        mOut[n, t, hv, row0 + r * self.groups] = (
-                            decay * sq + u * sGate[KQ, t]).to(mOut.element_type)
+                    # All 8 lanes of the row hold o and store it to one address, one store
+                    # winning: a lane-0 branch here split the token loop into blocks per row,
+                    # which cost registers and ~10% at T = 4.
+                    mOut[n, t, hv, row0 + r * self.groups] = (
+                        decay * sq + u * sGate[KQ, t]).to(mOut.element_type)
                 if const_expr(self.intermediate is not None):
                     self.store_rows(state, mInter[inter_row, t, hv, None, None], lane, row0)
 

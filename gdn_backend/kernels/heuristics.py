@@ -2,17 +2,18 @@
 
 A CTA owns `rows_per_cta` rows of one request's head; each thread holds
 `rows_per_thread` of them. The rules come from the tile sweeps on the H100
-(docs/perf_log.md, v5):
+(docs/perf_log.md, v6):
 
 - A batch whose 32-row tiles would not give every SM a CTA is latency-bound:
   8-row tiles spread each head over 16 CTAs.
-- One token, and two with a bf16 pool: 4 rows a thread (about 120-130
-  registers, 64 threads) keep the most bytes in flight. With an fp32 pool and
-  one token, from 256 heads (B x HV) on, 8-row tiles measured 2-4% faster: as
-  many bytes in flight, in CTAs small enough to balance across SMs.
-- More tokens keep more per-token values live. With a bf16 pool, and below 512
-  heads with an fp32 one, 2 rows a thread (96 registers) win; an fp32 pool at
-  3-4 tokens and 512+ heads is bound by bytes again, and 4 rows a thread win.
+- One token: 4 rows a thread (about 128 registers, 64 threads) keep the most
+  bytes in flight. With an fp32 pool, from 256 heads (B x HV) on, 8-row tiles
+  measured 2-7% faster: as many bytes in flight, in CTAs small enough to
+  balance across SMs.
+- Several tokens: 2 rows a thread (about 85 registers, 128 threads), except
+  four tokens on a bf16 pool from 768 heads on, where reading k̂ and q̂ from
+  shared memory for every row bounds the step and 4 rows a thread halve those
+  reads (up to 10% faster; at three tokens they lose by 1%).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 # H100: 132 SMs.
 NUM_SMS = 132
 FINE_FP32_FROM_HEADS = 256
-WIDE_FP32_FROM_HEADS = 512
+WIDE_BF16_FOUR_TOKENS_FROM_HEADS = 768
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
         return TINY
     if tokens == 1:
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
-    if (tokens == 2 and not fp32) or (fp32 and 2 < tokens <= 4 and heads >= WIDE_FP32_FROM_HEADS):
+    if tokens == 4 and not fp32 and heads >= WIDE_BF16_FOUR_TOKENS_FROM_HEADS:
         return WIDE
     return LARGE
 
