@@ -46,7 +46,7 @@ DECAY, BETA, KQ = range(3)
 # A CTA prefetches into L2 the state tile of the CTA this many bytes of state later in the
 # grid: far enough ahead to land before that CTA starts, near enough to still be in L2
 # when it does, under the stream of written-back state (H100 sweep: 3-4 MiB best, 8 MiB and
-# more evicted before use).
+# more evicted before use; H200 sweep: 4 MiB ahead of 2 and 8).
 PREFETCH_AHEAD_BYTES = 4 << 20
 # k̂ and q̂ rows in shared memory skip 4 words after every 32: see `unit_layout`.
 SMEM_SKEW_EVERY, SMEM_SKEW = 32, 4

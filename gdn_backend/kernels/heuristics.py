@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# H100: 132 SMs.
+# H100 and H200: 132 SMs.
 NUM_SMS = 132
 FINE_FP32_FROM_HEADS = 256
 WIDE_BF16_FOUR_TOKENS_FROM_HEADS = 768
