@@ -12,18 +12,25 @@ measured once.
 Peers, when they import: a plain PyTorch gather -> step -> scatter, and
 flash-linear-attention's fused_recurrent_gated_delta_rule with gather/scatter.
 Both are given the valid rows only (neither handles padding in place).
+
+--tiles 32x4 32x2 ... also times every cell with each given tile (rows per CTA x rows per
+thread) in place of the dispatch's choice: the sweep behind the dispatch rules.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import re
 import statistics
 import sys
 
 import torch
 
+from .kernels import launch
+from .kernels.heuristics import Tile
 from .op import gated_delta_rule_decode, split_packed_qkv, warmup
 from .reference import gate_and_beta, l2_normalize
 
@@ -59,6 +66,32 @@ def time_graph(fn, calls: int, replays: int) -> float:
         times.append(start.elapsed_time(end) * 1e3 / calls)
     del graph
     return statistics.median(times)
+
+
+def parse_tile(text: str) -> Tile:
+    """"RxT" -> Tile(R rows per CTA, T rows per thread), for a tile the kernel can build at V=128."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a tile: write rows_per_cta x rows_per_thread, e.g. 32x4")
+    rows, per_thread = map(int, match.groups())
+    threads = rows // per_thread * 8 if per_thread and rows % per_thread == 0 else 0
+    if rows < 1 or V % rows or not threads or threads % 32 or threads > 1024:
+        raise argparse.ArgumentTypeError(
+            f"tile {text}: rows per CTA must divide V = {V}, rows per thread must divide them, and "
+            "8 lanes per row group must make whole warps (32 to 1024 threads)")
+    return Tile(rows_per_cta=rows, rows_per_thread=per_thread)
+
+
+@contextlib.contextmanager
+def forced_tile(tile: Tile):
+    """Within: every decode launch takes `tile` in place of the dispatch's choice."""
+    chosen = launch.choose_tile
+    launch.choose_tile = lambda *shape: tile
+    try:
+        yield
+    finally:
+        launch.choose_tile = chosen
 
 
 def copy_ceiling_tbps() -> float:
@@ -152,7 +185,7 @@ def have_fla() -> bool:
         return False
 
 
-def run(shapes, pools, batches, tokens, replays: int, peers: bool) -> dict:
+def run(shapes, pools, batches, tokens, replays: int, peers: bool, tiles=()) -> dict:
     ceiling = copy_ceiling_tbps()
     print(f"copy ceiling: {ceiling:.2f} TB/s (best large device copy, read + write)", flush=True)
     fla = peers and have_fla()
@@ -173,6 +206,10 @@ def run(shapes, pools, batches, tokens, replays: int, peers: bool) -> dict:
                                sets=cell.sets, ours_us=ours, copy_us=copy, ratio=ours / copy,
                                tbps=cell.bytes / (ours * 1e-6) / 1e12)
                     row["pct_ceiling"] = 100 * row["tbps"] / ceiling
+                    for tile in tiles:
+                        with forced_tile(tile):
+                            row.setdefault("tile_us", {})[tile_name(tile)] = time_graph(
+                                cell.ours, cell.sets, replays)
                     if peers:
                         calls = min(cell.sets, 256)
                         row["torch_us"] = time_graph(cell.torch_peer, calls, replays)
@@ -188,14 +225,19 @@ def run(shapes, pools, batches, tokens, replays: int, peers: bool) -> dict:
             "rows": rows}
 
 
+def tile_name(tile: Tile) -> str:
+    return f"{tile.rows_per_cta}x{tile.rows_per_thread}"
+
+
 def format_row(r: dict) -> str:
     def peer(key):
         if key not in r:
             return f"{'-':>8} {'-':>6}"
         return f"{r[key]:8.2f} {r[key] / r['copy_us']:5.2f}x"
+    tiles = "".join(f" | {name} {us / r['copy_us']:5.2f}x" for name, us in r.get("tile_us", {}).items())
     return (f"{r['shape']:5} {r['pool']:4} {r['T']:>1} {r['B']:>4} | {r['ours_us']:8.2f} "
             f"{r['copy_us']:8.2f} {r['ratio']:5.2f}x {r['tbps']:5.2f} {r['pct_ceiling']:5.1f} | "
-            f"{peer('torch_us')} | {peer('fla_us')}")
+            f"{peer('torch_us')} | {peer('fla_us')}{tiles}")
 
 
 PEERS = {"ours_us": "gdn_backend", "torch_us": "PyTorch gather-step-scatter",
@@ -244,6 +286,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--replays", type=int, default=15)
     parser.add_argument("--no-peers", dest="peers", action="store_false")
+    parser.add_argument("--tiles", nargs="+", type=parse_tile, default=[], metavar="RxT",
+                        help="also time every cell with each of these tiles, e.g. 32x4 32x2 8x1")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="draw the ratios to the copy into this PNG (matplotlib)")
     parser.add_argument("--plot-from", help="no run: plot a JSON an earlier run wrote")
@@ -254,7 +298,8 @@ def main(argv=None) -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA GPU")
-    result = run(args.shapes, args.pools, args.batches, args.tokens, args.replays, args.peers)
+    result = run(args.shapes, args.pools, args.batches, args.tokens, args.replays, args.peers,
+                 args.tiles)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,0 +1,56 @@
+"""The benchmark's tile sweep (--tiles): what a tile is, and that a forced tile reaches the kernel."""
+
+import argparse
+
+import pytest
+import torch
+
+from gdn_backend import bench
+from gdn_backend.kernels import launch
+from gdn_backend.kernels.heuristics import Tile, choose_tile
+from gdn_backend.testing import make_problem
+from gdn_backend.validation import validate
+
+
+def test_a_tile_is_rows_per_cta_by_rows_per_thread():
+    assert bench.parse_tile("32x4") == Tile(rows_per_cta=32, rows_per_thread=4)
+    assert bench.parse_tile("8x1") == Tile(rows_per_cta=8, rows_per_thread=1)
+    assert bench.tile_name(Tile(rows_per_cta=64, rows_per_thread=2)) == "64x2"
+
+
+@pytest.mark.parametrize("text", ["32", "32x", "x4", "48x1", "256x4", "32x3", "8x8", "0x1"])
+def test_a_tile_the_kernel_cannot_build_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="tile"):
+        bench.parse_tile(text)
+
+
+def test_the_command_line_refuses_a_bad_tile_before_touching_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--tiles", "32x3"])
+    assert "rows per thread must divide" in capsys.readouterr().err
+
+
+def _config(p):
+    out = torch.empty(p.v.shape, dtype=p.q.dtype)
+    problem = validate(*p.args, out, scale=1.0, min_valid_slot=0, intermediate_states=None,
+                       intermediate_indices=None)
+    return launch.config_for(problem, p.q, p.k, p.a, p.A_log, p.dt_bias, p.state_pool,
+                             p.state_indices, None, None, True)
+
+
+def test_a_forced_tile_reaches_the_kernel_configuration_and_is_undone_after():
+    p = make_problem(64, 1, 16, 32, num_slots=128, device="cpu")
+    dispatch = choose_tile(64, 32, 128, 1, p.state_pool.element_size())
+    forced = Tile(rows_per_cta=64, rows_per_thread=4)
+    assert forced != dispatch
+    with bench.forced_tile(forced):
+        cfg = _config(p)
+    assert (cfg.rows_per_cta, cfg.rows_per_thread) == (64, 4)
+    cfg = _config(p)
+    assert (cfg.rows_per_cta, cfg.rows_per_thread) == (dispatch.rows_per_cta, dispatch.rows_per_thread)
+
+
+def test_each_swept_tile_is_printed_as_its_time_over_the_copy():
+    row = dict(shape="TP1", pool="bf16", T=4, B=64, ours_us=50.0, copy_us=40.0, ratio=1.25,
+               tbps=2.0, pct_ceiling=50.0, tile_us={"32x4": 48.0, "32x2": 60.0})
+    assert bench.format_row(row).endswith("| 32x4  1.20x | 32x2  1.50x")
