@@ -30,7 +30,7 @@ import sys
 import torch
 
 from .kernels import launch
-from .kernels.heuristics import Tile
+from .kernels.heuristics import LANES_PER_ROW, Tile
 from .op import gated_delta_rule_decode, split_packed_qkv, warmup
 from .reference import gate_and_beta, l2_normalize
 
@@ -74,13 +74,17 @@ def parse_tile(text: str) -> Tile:
     if not match:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a tile: write rows_per_cta x rows_per_thread, e.g. 32x4")
-    rows, per_thread = map(int, match.groups())
-    threads = rows // per_thread * 8 if per_thread and rows % per_thread == 0 else 0
-    if rows < 1 or V % rows or not threads or threads % 32 or threads > 1024:
+    tile = Tile(*map(int, match.groups()))
+    if (tile.rows_per_cta < 1 or V % tile.rows_per_cta or tile.rows_per_thread < 1
+            or tile.rows_per_cta % tile.rows_per_thread or tile.threads % 32 or tile.threads > 1024):
         raise argparse.ArgumentTypeError(
             f"tile {text}: rows per CTA must divide V = {V}, rows per thread must divide them, and "
-            "8 lanes per row group must make whole warps (32 to 1024 threads)")
-    return Tile(rows_per_cta=rows, rows_per_thread=per_thread)
+            f"{LANES_PER_ROW} lanes per row group must make whole warps (32 to 1024 threads)")
+    return tile
+
+
+def tile_name(tile: Tile) -> str:
+    return f"{tile.rows_per_cta}x{tile.rows_per_thread}"
 
 
 @contextlib.contextmanager
@@ -223,10 +227,6 @@ def run(shapes, pools, batches, tokens, replays: int, peers: bool, tiles=()) -> 
             "method": "CUDA-graph replay, cold L2 (>= 256 MiB of disjoint slot sets per replay), "
                       "median of replays; copy = device copy of the same bytes, same method",
             "rows": rows}
-
-
-def tile_name(tile: Tile) -> str:
-    return f"{tile.rows_per_cta}x{tile.rows_per_thread}"
 
 
 def format_row(r: dict) -> str:

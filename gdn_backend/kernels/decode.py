@@ -37,7 +37,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, const_expr
 from cutlass._mlir.dialects import llvm
 
-LANES_PER_ROW = 8
+from .heuristics import LANES_PER_ROW
+
 VECTOR_BYTES = 16
 L2NORM_EPS = 1e-6
 SOFTPLUS_THRESHOLD = 20.0

@@ -24,12 +24,18 @@ from dataclasses import dataclass
 NUM_SMS = 132
 FINE_FP32_FROM_HEADS = 256
 WIDE_BF16_FOUR_TOKENS_FROM_HEADS = 768
+# Lanes that share one state row in the kernel (decode.py); a tile's threads follow from it.
+LANES_PER_ROW = 8
 
 
 @dataclass(frozen=True)
 class Tile:
     rows_per_cta: int
     rows_per_thread: int
+
+    @property
+    def threads(self) -> int:
+        return self.rows_per_cta // self.rows_per_thread * LANES_PER_ROW
 
 
 WIDE = Tile(rows_per_cta=32, rows_per_thread=4)    # 64 threads, 4 CTAs per head at V=128
