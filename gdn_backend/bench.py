@@ -10,8 +10,11 @@ held against. The copy ceiling (the best of 256 MiB to 1 GiB device copies) is
 measured once.
 
 Peers, when they import: a plain PyTorch gather -> step -> scatter, and
-flash-linear-attention's fused_recurrent_gated_delta_rule with gather/scatter.
-Both are given the valid rows only (neither handles padding in place).
+flash-linear-attention's fused_recurrent_gated_delta_rule with gather/scatter,
+both given the valid rows only (neither handles padding in place); and SGLang's
+own Triton decode, on the pool in place, timed like ours: its packed decode at
+T = 1 (SGLang's default on CUDA), its unpacked one for T > 1 (bench_sglang.py says
+how to run it where SGLang is not installed).
 
 --tiles 32x4 32x2 ... also times every cell with each given tile (rows per CTA x rows per
 thread) in place of the dispatch's choice: the sweep behind the dispatch rules.
@@ -29,6 +32,7 @@ import sys
 
 import torch
 
+from . import bench_sglang
 from .kernels import launch
 from .kernels.heuristics import LANES_PER_ROW, Tile
 from .op import gated_delta_rule_decode, split_packed_qkv, warmup
@@ -193,9 +197,11 @@ def run(shapes, pools, batches, tokens, replays: int, peers: bool, tiles=()) -> 
     ceiling = copy_ceiling_tbps()
     print(f"copy ceiling: {ceiling:.2f} TB/s (best large device copy, read + write)", flush=True)
     fla = peers and have_fla()
+    sglang = peers and bench_sglang.available()
     rows = []
     header = (f"{'shape':5} {'pool':4} {'T':>1} {'B':>4} | {'ours µs':>8} {'copy µs':>8} {'ratio':>6} "
-              f"{'TB/s':>5} {'%ceil':>5} | {'torch µs':>8} {'ratio':>6} | {'fla µs':>8} {'ratio':>6}")
+              f"{'TB/s':>5} {'%ceil':>5} | {'torch µs':>8} {'ratio':>6} | {'fla µs':>8} {'ratio':>6} | "
+              f"{'sglang µs':>8} {'ratio':>6}")
     print(header)
     for shape in shapes:
         for pool in pools:
@@ -219,11 +225,15 @@ def run(shapes, pools, batches, tokens, replays: int, peers: bool, tiles=()) -> 
                         row["torch_us"] = time_graph(cell.torch_peer, calls, replays)
                         if fla:
                             row["fla_us"] = time_graph(cell.fla_peer(), calls, replays)
+                        if sglang:
+                            row["sglang_us"] = time_graph(bench_sglang.decode(cell), cell.sets,
+                                                          replays)
                     rows.append(row)
                     print(format_row(row), flush=True)
                     del cell
                     torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(), "copy_ceiling_tbps": ceiling,
+            "sglang": bench_sglang.version() if sglang else None,
             "method": "CUDA-graph replay, cold L2 (>= 256 MiB of disjoint slot sets per replay), "
                       "median of replays; copy = device copy of the same bytes, same method",
             "rows": rows}
@@ -237,11 +247,12 @@ def format_row(r: dict) -> str:
     tiles = "".join(f" | {name} {us / r['copy_us']:5.2f}x" for name, us in r.get("tile_us", {}).items())
     return (f"{r['shape']:5} {r['pool']:4} {r['T']:>1} {r['B']:>4} | {r['ours_us']:8.2f} "
             f"{r['copy_us']:8.2f} {r['ratio']:5.2f}x {r['tbps']:5.2f} {r['pct_ceiling']:5.1f} | "
-            f"{peer('torch_us')} | {peer('fla_us')}{tiles}")
+            f"{peer('torch_us')} | {peer('fla_us')} | {peer('sglang_us')}{tiles}")
 
 
 PEERS = {"ours_us": "gdn_backend", "torch_us": "PyTorch gather-step-scatter",
-         "fla_us": "FLA fused_recurrent + gather/scatter"}
+         "fla_us": "FLA fused_recurrent + gather/scatter",
+         "sglang_us": "SGLang's Triton decode (packed at T=1)"}
 
 
 def plot(result: dict, path: str) -> None:

@@ -1,0 +1,139 @@
+"""SGLang's own GDN decode kernels as a benchmark peer: the kernels this project is to beat.
+
+SGLang does not install on a machine that only runs the benchmark (the GPU machine has no
+room for it), but its decode kernels are four Triton modules that need little of the rest
+of SGLang. `export` copies them out of an installed SGLang, beside small stand-ins for the
+few SGLang helpers they import, into a folder that imports as a package named `sglang`:
+
+    python -m gdn_backend.bench_sglang DIR          # where SGLang is installed
+    PYTHONPATH=DIR:$PYTHONPATH python -m gdn_backend.bench
+
+The benchmark then times SGLang's decode on every cell, on the pool and slot indices in
+place: the packed decode (SGLang's default on CUDA) at T = 1, the unpacked one for T > 1,
+where the packed one does not apply. Nothing of SGLang is kept in this repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+# The kernel modules, relative to the sglang package (SGLang 0.5.23's layout).
+KERNEL_FILES = (
+    "kernels/ops/attention/fla/op.py",
+    "kernels/ops/attention/fla/utils.py",
+    "kernels/ops/attention/fla/fused_recurrent.py",
+    "kernels/ops/attention/linear/fused_sigmoid_gating_recurrent.py",
+)
+PACKED = "sglang.kernels.ops.attention.fla.fused_recurrent"
+UNPACKED = "sglang.kernels.ops.attention.linear.fused_sigmoid_gating_recurrent"
+
+# Stand-ins for the SGLang helpers the kernel modules import: device and version queries.
+HELPERS = {
+    "srt/utils/common.py": (
+        "import torch\n"
+        "from packaging import version\n"
+        "torch_release = version.parse(torch.__version__).release\n"),
+    "srt/utils/__init__.py": (
+        "import torch\n"
+        "def is_hip(): return torch.version.hip is not None\n"
+        "def is_cuda(): return torch.version.cuda is not None and torch.cuda.is_available()\n"
+        "def get_device_sm():\n"
+        "    major, minor = torch.cuda.get_device_capability()\n"
+        "    return major * 10 + minor\n"
+        "def is_gfx95_supported(): return False\n"
+        "def is_sm90_supported(): return is_cuda() and torch.cuda.get_device_capability()[0] == 9\n"),
+    "kernels/jit/utils/__init__.py": (
+        "import torch\n"
+        "def is_arch_support_pdl(): return torch.cuda.get_device_capability()[0] >= 9\n"),
+}
+
+
+def export(dest: str) -> str:
+    """Write SGLang's decode kernels and the helper stand-ins under dest/sglang."""
+    import sglang
+
+    src = os.path.dirname(sglang.__file__)
+    root = os.path.join(dest, "sglang")
+    shutil.rmtree(root, ignore_errors=True)
+    for rel in KERNEL_FILES:
+        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+        shutil.copy(os.path.join(src, rel), os.path.join(root, rel))
+    for rel, text in HELPERS.items():
+        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+        with open(os.path.join(root, rel), "w") as f:
+            f.write(text)
+    for folder, _, files in os.walk(root):
+        if "__init__.py" not in files:
+            open(os.path.join(folder, "__init__.py"), "w").close()
+    with open(os.path.join(root, "VERSION"), "w") as f:
+        f.write(getattr(sglang, "__version__", "unknown") + "\n")
+    return root
+
+
+def version() -> str:
+    """The exported (or installed) SGLang's version."""
+    import sglang
+
+    stamp = os.path.join(os.path.dirname(sglang.__file__), "VERSION")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            return f.read().strip()
+    return getattr(sglang, "__version__", "unknown")
+
+
+def available() -> bool:
+    try:
+        __import__(PACKED)
+        __import__(UNPACKED)
+        return True
+    except Exception:
+        return False
+
+
+def decode(cell):
+    """fn(i): SGLang's decode of cell's batch on slot set i, in place."""
+    return packed_decode(cell) if cell.T == 1 else unpacked_decode(cell)
+
+
+def packed_decode(cell):
+    """fn(i): SGLang's packed decode (T = 1) of cell's batch on slot set i, in place."""
+    import torch
+    from sglang.kernels.ops.attention.fla.fused_recurrent import (
+        fused_recurrent_gated_delta_rule_packed_decode)
+
+    K = cell.q.shape[-1]
+    # SGLang hands this kernel the conv output: q, k and v of a token side by side.
+    mixed = torch.cat([cell.q.flatten(2), cell.k.flatten(2), cell.v.flatten(2)], -1)[:, 0].contiguous()
+    out = torch.empty(cell.B, 1, cell.HV, cell.v.shape[-1], dtype=cell.out.dtype, device=cell.out.device)
+    a, b = cell.a[:, 0], cell.b[:, 0]
+
+    def run(i: int) -> None:
+        fused_recurrent_gated_delta_rule_packed_decode(
+            mixed_qkv=mixed, a=a, b=b, A_log=cell.A_log, dt_bias=cell.dt_bias, scale=K**-0.5,
+            initial_state=cell.pool, out=out, ssm_state_indices=cell.indices[i],
+            use_qk_l2norm_in_kernel=True)
+    return run
+
+
+def unpacked_decode(cell):
+    """fn(i): SGLang's unpacked decode (every T) of cell's batch on slot set i, in place."""
+    from sglang.kernels.ops.attention.linear.fused_sigmoid_gating_recurrent import (
+        fused_sigmoid_gating_delta_rule_update)
+
+    K = cell.q.shape[-1]
+
+    def run(i: int) -> None:
+        fused_sigmoid_gating_delta_rule_update(
+            A_log=cell.A_log, a=cell.a, dt_bias=cell.dt_bias, softplus_beta=1.0,
+            softplus_threshold=20.0, q=cell.q, k=cell.k, v=cell.v, b=cell.b,
+            initial_state_source=cell.pool, initial_state_indices=cell.indices[i], scale=K**-0.5,
+            use_qk_l2norm_in_kernel=True)
+    return run
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print("wrote", export(sys.argv[1]))
