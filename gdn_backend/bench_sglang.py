@@ -19,6 +19,8 @@ import os
 import shutil
 import sys
 
+import torch
+
 # The kernel modules, relative to the sglang package (SGLang 0.5.23's layout).
 KERNEL_FILES = (
     "kernels/ops/attention/fla/op.py",
@@ -93,13 +95,14 @@ def available() -> bool:
 
 
 def decode(cell):
-    """fn(i): SGLang's decode of cell's batch on slot set i, in place."""
+    """fn(i): SGLang's decode of cell's batch on slot set i, in place. Not the unpacked one
+    at T = 1: called that way it left states far from the packed one's and ours
+    (docs/perf_log.md, 2026-12-01), and SGLang does not use it so on CUDA by default."""
     return packed_decode(cell) if cell.T == 1 else unpacked_decode(cell)
 
 
 def packed_decode(cell):
     """fn(i): SGLang's packed decode (T = 1) of cell's batch on slot set i, in place."""
-    import torch
     from sglang.kernels.ops.attention.fla.fused_recurrent import (
         fused_recurrent_gated_delta_rule_packed_decode)
 
