@@ -34,7 +34,7 @@ import torch
 
 from . import bench_sglang
 from .kernels import launch
-from .kernels.heuristics import LANES_PER_ROW, Tile
+from .kernels.heuristics import LANES_PER_ROW, Tile, serves
 from .op import gated_delta_rule_decode, split_packed_qkv, warmup
 from .reference import gate_and_beta, l2_normalize
 
@@ -73,13 +73,20 @@ def time_graph(fn, calls: int, replays: int) -> float:
 
 
 def parse_tile(text: str) -> Tile:
-    """"RxT" -> Tile(R rows per CTA, T rows per thread), for a tile the kernel can build at V=128."""
-    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    """"RxT" -> Tile(R rows per CTA, T rows per thread), for a tile the kernel can build at V=128;
+    "RxNtc": R rows per CTA, N a thread, on the tensor-core kernel (bf16 pools, T <= 4)."""
+    match = re.fullmatch(r"(\d+)x(\d+)(tc)?", text)
     if not match:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a tile: write rows_per_cta x rows_per_thread, e.g. 32x4")
-    tile = Tile(*map(int, match.groups()))
-    if (tile.rows_per_cta < 1 or V % tile.rows_per_cta or tile.rows_per_thread < 1
+            f"{text!r} is not a tile: write rows_per_cta x rows_per_thread, e.g. 32x4 or 32x2tc")
+    tile = Tile(int(match[1]), int(match[2]), tensor_cores=bool(match[3]))
+    if tile.tensor_cores:
+        warp_rows = 8 * tile.rows_per_thread
+        if tile.rows_per_thread % 2 or tile.rows_per_cta % warp_rows or V % tile.rows_per_cta:
+            raise argparse.ArgumentTypeError(
+                f"tile {text}: a tensor-core tile is RxNtc: N even, a warp holds 8N rows, and R, a "
+                f"multiple of 8N, divides V = {V}")
+    elif (tile.rows_per_cta < 1 or V % tile.rows_per_cta or tile.rows_per_thread < 1
             or tile.rows_per_cta % tile.rows_per_thread or tile.threads % 32 or tile.threads > 1024):
         raise argparse.ArgumentTypeError(
             f"tile {text}: rows per CTA must divide V = {V}, rows per thread must divide them, and "
@@ -88,14 +95,14 @@ def parse_tile(text: str) -> Tile:
 
 
 def tile_name(tile: Tile) -> str:
-    return f"{tile.rows_per_cta}x{tile.rows_per_thread}"
+    return f"{tile.rows_per_cta}x{tile.rows_per_thread}{'tc' if tile.tensor_cores else ''}"
 
 
 @contextlib.contextmanager
 def forced_tile(tile: Tile):
     """Within: every decode launch takes `tile` in place of the dispatch's choice."""
     chosen = launch.choose_tile
-    launch.choose_tile = lambda *shape: tile
+    launch.choose_tile = lambda *shape, **options: tile
     try:
         yield
     finally:
@@ -217,6 +224,8 @@ def run(shapes, pools, batches, tokens, replays: int, peers: bool, tiles=()) -> 
                                tbps=cell.bytes / (ours * 1e-6) / 1e12)
                     row["pct_ceiling"] = 100 * row["tbps"] / ceiling
                     for tile in tiles:
+                        if not serves(tile, T, POOLS[pool].itemsize):
+                            continue
                         with forced_tile(tile):
                             row.setdefault("tile_us", {})[tile_name(tile)] = time_graph(
                                 cell.ours, cell.sets, replays)

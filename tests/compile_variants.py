@@ -31,9 +31,18 @@ def variants() -> dict:
             for T in (1, 2, 4, 8):
                 if not any(tile in tiles_for(hv, 128, T, state.itemsize) for hv in (4, 32)):
                     continue  # the heuristic never launches this one
-                out[f"{s}_tile{tile.rows_per_cta}x{tile.rows_per_thread}_T{T}"] = replace(
+                kind = "mma" if tile.tensor_cores else "tile"
+                out[f"{s}_{kind}{tile.rows_per_cta}x{tile.rows_per_thread}_T{T}"] = replace(
                     base, tokens=T, rows_per_cta=tile.rows_per_cta,
-                    rows_per_thread=tile.rows_per_thread)
+                    rows_per_thread=tile.rows_per_thread, tensor_cores=tile.tensor_cores)
+        if state == torch.bfloat16:
+            # The tensor-core kernel at every T it takes, and without 16-byte access.
+            for T in (1, 2, 3):
+                out[f"bf16_mma64x2_T{T}"] = replace(base, tokens=T, rows_per_cta=64,
+                                                    tensor_cores=True)
+            out["bf16_mma64x2_unaligned"] = replace(
+                base, tokens=4, rows_per_cta=64, tensor_cores=True, qkv_vectorized=False,
+                state_vectorized=False)
         for T in (2, 8):
             out[f"{s}_verify_rows_T{T}"] = replace(base, tokens=T, intermediate="rows",
                                                    update_state=False)

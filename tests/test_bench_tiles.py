@@ -18,7 +18,14 @@ def test_a_tile_is_rows_per_cta_by_rows_per_thread():
     assert bench.tile_name(Tile(rows_per_cta=64, rows_per_thread=2)) == "64x2"
 
 
-@pytest.mark.parametrize("text", ["32", "32x", "x4", "48x1", "256x4", "32x3", "8x8", "0x1"])
+def test_a_tensor_core_tile_ends_in_tc():
+    assert bench.parse_tile("64x2tc") == Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)
+    assert bench.tile_name(Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)) == "32x2tc"
+    assert Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True).threads == 128
+
+
+@pytest.mark.parametrize("text", ["32", "32x", "x4", "48x1", "256x4", "32x3", "8x8", "0x1",
+                                  "8x2tc", "32x3tc", "16x4tc", "32x2t"])
 def test_a_tile_the_kernel_cannot_build_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="tile"):
         bench.parse_tile(text)

@@ -2,19 +2,21 @@
 
 import pytest
 
-from gdn_backend.kernels.heuristics import LARGE, NUM_SMS, TINY, WIDE, choose_tile, tiles_for
+from gdn_backend.kernels.heuristics import (LARGE, MMA, MMA_WIDE, NUM_SMS, TINY, WIDE, choose_tile,
+                                            serves, tiles_for)
 
 FP32, BF16 = 4, 2
 
 
 @pytest.mark.parametrize("batch, heads, tokens, state_bytes, tile", [
     (1, 4, 1, FP32, TINY), (8, 4, 1, BF16, TINY), (16, 4, 1, FP32, WIDE), (64, 4, 1, FP32, TINY),  # TP8
-    (256, 4, 1, BF16, WIDE), (128, 4, 4, BF16, LARGE), (192, 4, 4, BF16, WIDE),
+    (256, 4, 1, BF16, WIDE), (16, 4, 4, BF16, MMA), (32, 4, 4, BF16, MMA),
+    (33, 4, 4, BF16, MMA_WIDE), (192, 4, 3, BF16, MMA_WIDE),
     (64, 4, 4, FP32, LARGE), (256, 4, 4, FP32, LARGE), (256, 4, 2, BF16, LARGE),
     (1, 32, 1, FP32, TINY), (4, 32, 1, BF16, WIDE), (4, 32, 1, FP32, WIDE),                       # TP1
     (32, 32, 1, FP32, TINY), (64, 32, 2, BF16, LARGE), (64, 32, 2, FP32, LARGE),
-    (16, 32, 4, BF16, LARGE), (24, 32, 4, BF16, WIDE), (256, 32, 4, BF16, WIDE),
-    (256, 32, 3, BF16, LARGE), (256, 32, 4, FP32, LARGE), (256, 32, 8, BF16, LARGE),
+    (2, 32, 4, BF16, MMA), (16, 32, 4, BF16, MMA_WIDE), (256, 32, 4, BF16, MMA_WIDE),
+    (256, 32, 3, BF16, MMA_WIDE), (256, 32, 4, FP32, LARGE), (256, 32, 8, BF16, LARGE),
     (256, 32, 8, FP32, LARGE),
 ])
 def test_tile_for_qwen3_next_shapes(batch, heads, tokens, state_bytes, tile):
@@ -39,10 +41,45 @@ def test_one_token_on_fp32_takes_fine_tiles_below_132_ctas_and_from_256_heads(ba
 
 @pytest.mark.parametrize("tokens", range(1, 9))
 @pytest.mark.parametrize("state_bytes", [FP32, BF16])
-def test_four_rows_a_thread_for_one_token_and_for_four_on_a_bf16_pool(tokens, state_bytes):
+def test_four_rows_a_thread_for_one_token_on_a_bf16_pool(tokens, state_bytes):
     # 32 requests of 32 heads: 1024 heads, past every small-grid rule.
-    wide = state_bytes == BF16 and tokens in (1, 4)
-    assert (choose_tile(32, 32, 128, tokens, state_bytes) == WIDE) == wide
+    assert (choose_tile(32, 32, 128, tokens, state_bytes) == WIDE) == (
+        state_bytes == BF16 and tokens == 1)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8, 17, 33, 100, 1000])
+@pytest.mark.parametrize("heads", [4, 8, 32])
+@pytest.mark.parametrize("tokens", range(1, 9))
+@pytest.mark.parametrize("state_bytes", [FP32, BF16])
+def test_tensor_cores_for_three_or_four_tokens_on_a_bf16_pool_past_the_small_grids(
+        batch, heads, tokens, state_bytes):
+    tile = choose_tile(batch, heads, 128, tokens, state_bytes)
+    small_grid = batch * heads * (128 // 32) < NUM_SMS
+    assert tile.tensor_cores == (state_bytes == BF16 and tokens in (3, 4) and not small_grid)
+    assert serves(tile, tokens, state_bytes)
+
+
+@pytest.mark.parametrize("batch", [2, 3, 5, 8, 17, 33, 100, 1000])
+@pytest.mark.parametrize("heads", [4, 32])
+def test_tensor_cores_take_64_row_tiles_once_every_sm_gets_two(batch, heads):
+    tile = choose_tile(batch, heads, 128, 4, BF16)
+    if tile.tensor_cores:
+        assert tile == (MMA_WIDE if batch * heads * (128 // 64) >= 2 * NUM_SMS else MMA)
+
+
+@pytest.mark.parametrize("tokens", [3, 4])
+@pytest.mark.parametrize("batch", [1, 16, 256])
+def test_writing_intermediate_states_never_takes_tensor_cores(tokens, batch):
+    assert not choose_tile(batch, 32, 128, tokens, BF16, intermediate=True).tensor_cores
+    assert not any(t.tensor_cores for t in tiles_for(32, 128, tokens, BF16, intermediate=True))
+
+
+def test_the_tensor_core_kernel_serves_bf16_pools_up_to_four_tokens_without_intermediates():
+    assert serves(MMA, 4, BF16) and serves(MMA_WIDE, 1, BF16)
+    assert not serves(MMA, 4, FP32)
+    assert not serves(MMA, 5, BF16)
+    assert not serves(MMA_WIDE, 2, BF16, intermediate=True)
+    assert serves(LARGE, 8, FP32, intermediate=True)
 
 
 @pytest.mark.parametrize("heads", [4, 8, 32])
@@ -58,5 +95,6 @@ def test_warmup_compiles_every_tile_the_heuristic_can_choose(tokens, state_bytes
     for heads in (4, 32):
         chosen = {choose_tile(b, heads, 128, tokens, state_bytes) for b in range(1, 4097)}
         assert set(tiles_for(heads, 128, tokens, state_bytes)) == chosen
-        # 8x1 and one 32-row tile, except four tokens on a bf16 pool: 8x1, 32x2 and 32x4.
+        # 8x1 and one 32-row tile, except four tokens on a bf16 pool: 8x1 and the two
+        # tensor-core tiles.
         assert TINY in chosen and len(chosen) == (3 if state_bytes == BF16 and tokens == 4 else 2)

@@ -5,7 +5,8 @@ import torch
 
 import gdn_backend
 from gdn_backend.kernels.compile import CACHE
-from gdn_backend.kernels.heuristics import choose_tile, tiles_for
+from gdn_backend.bench import forced_tile
+from gdn_backend.kernels.heuristics import Tile, choose_tile, tiles_for
 from gdn_backend.reference import gated_delta_rule_decode_reference
 from gdn_backend import split_packed_qkv
 from gdn_backend.testing import make_problem, no_host_sync, relative_error
@@ -52,7 +53,7 @@ BATCHES = {TP8: (5, 20, 40, 200), TP1: (1, 3, 12, 25)}
 
 @pytest.mark.parametrize("heads", [TP1, TP8], ids=["tp1", "tp8"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("tokens", [1, 2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 8])
 def test_every_tile_matches_the_reference(heads, state_dtype, tokens):
     tiles = set()
     for i, B in enumerate(BATCHES[heads]):
@@ -61,6 +62,16 @@ def test_every_tile_matches_the_reference(heads, state_dtype, tokens):
                                state_dtype=state_dtype, device="cuda", seed=100 + i)
         assert_same_as_reference(problem)
     assert tiles == set(tiles_for(heads[1], 128, tokens, state_dtype.itemsize))
+
+
+@pytest.mark.parametrize("heads", [TP1, TP8], ids=["tp1", "tp8"])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows, rows_per_thread", [(16, 2), (32, 2), (32, 4), (64, 4)])
+def test_tensor_core_tiles_match_the_reference(heads, tokens, rows, rows_per_thread):
+    problem = make_problem(7, tokens, *heads, num_padding=2, num_slots=30,
+                           state_dtype=torch.bfloat16, device="cuda", seed=200 + tokens)
+    with forced_tile(Tile(rows, rows_per_thread, tensor_cores=True)):
+        assert_same_as_reference(problem)
 
 
 @pytest.mark.parametrize("qkv_dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -96,14 +107,21 @@ def test_pool_past_2_to_the_31_elements():
     assert_same_as_reference(problem)
 
 
-def test_unaligned_views_take_the_scalar_path():
-    B, T, (H, HV) = 5, 2, TP8
+@pytest.mark.parametrize("state_dtype, T, tile", [
+    (torch.float32, 2, None), (torch.bfloat16, 4, Tile(64, 2, tensor_cores=True))],
+    ids=["f32", "bf16-tensor-cores"])
+def test_unaligned_views_take_the_scalar_path(state_dtype, T, tile):
+    B, (H, HV) = 5, TP8
     row = 2 * H * 128 + HV * 128 + 1
     mixed = torch.randn(B, T, row + 1, device="cuda").to(torch.bfloat16)[..., 1:]  # odd offset
     problem = make_problem(B, T, H, HV, num_padding=1, slot_pitch=HV * 128 * 128 + 1,
-                           device="cuda", seed=10)
+                           state_dtype=state_dtype, device="cuda", seed=10)
     problem.q, problem.k, problem.v = split_packed_qkv(mixed[..., :-1], H, HV, 128, 128)
-    assert_same_as_reference(problem)
+    if tile is None:
+        assert_same_as_reference(problem)
+    else:
+        with forced_tile(tile):
+            assert_same_as_reference(problem)
 
 
 def test_null_block_padding_in_the_kernel():
@@ -142,3 +160,15 @@ def test_vanishing_decays_match_the_reference(state_dtype):
     problem.a[1, 2] = 200  # decay exactly 0 at token 2
     problem.a[2, ::2] = 30  # decay ~1e-13 every other token
     assert_same_as_reference(problem)
+
+
+def test_vanishing_decays_on_tensor_cores_match_the_reference():
+    problem = make_problem(6, 4, *TP8, state_dtype=torch.bfloat16, param_dtype=torch.float32,
+                           gate_dtype=torch.float32, device="cuda", seed=15)
+    problem.A_log.zero_()
+    problem.dt_bias.zero_()
+    problem.a[0] = 13.8
+    problem.a[1, 2] = 200
+    problem.a[2, ::2] = 30
+    with forced_tile(Tile(32, 2, tensor_cores=True)):
+        assert_same_as_reference(problem)

@@ -42,7 +42,8 @@ def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
     cfg = VARIANTS[name]
     ptx = (ptx_dir / f"{name}.ptx").read_text()
     stores = sum(ptx.count(f"st.global.v4.{t}") for t in ("f32", "b32"))
-    per_copy = cfg.rows_per_thread * cfg.head_k_dim // (8 * 16 // cfg.state_dtype.itemsize)
+    lanes_per_row = 4 if cfg.tensor_cores else 8
+    per_copy = cfg.rows_per_thread * cfg.head_k_dim // (lanes_per_row * 16 // cfg.state_dtype.itemsize)
     copies = int(cfg.update_state) + (cfg.tokens if cfg.intermediate else 0)
     assert stores == (per_copy * copies if cfg.state_vectorized else 0)
 

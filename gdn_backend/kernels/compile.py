@@ -43,6 +43,7 @@ class KernelConfig:
     qkv_vectorized: bool = True           # q/k allow vector reads of K/32 elements
     state_vectorized: bool = True         # pool (and intermediate) allow 16-byte accesses
     use_pdl: bool = True
+    tensor_cores: bool = False            # decode_mma.py (bf16 pools, T <= 4) rather than decode.py
 
 
 def qk_chunk(head_k_dim: int) -> int:
@@ -120,14 +121,16 @@ def build(cfg: KernelConfig):
     import cutlass.cute as cute
 
     from .decode import GatedDeltaRuleDecode
+    from .decode_mma import GatedDeltaRuleDecodeMMA
 
-    kernel = GatedDeltaRuleDecode(
+    options = dict(
         num_heads=cfg.num_heads, num_v_heads=cfg.num_v_heads, head_k_dim=cfg.head_k_dim,
         head_v_dim=cfg.head_v_dim, tokens=cfg.tokens, state_bytes=cfg.state_dtype.itemsize,
-        rows_per_cta=cfg.rows_per_cta, rows_per_thread=cfg.rows_per_thread,
-        intermediate=cfg.intermediate, update_state=cfg.update_state, use_pdl=cfg.use_pdl,
-        prefetch_state=cfg.state_vectorized,
+        rows_per_cta=cfg.rows_per_cta, intermediate=cfg.intermediate,
+        update_state=cfg.update_state, use_pdl=cfg.use_pdl, prefetch_state=cfg.state_vectorized,
     )
+    kind = GatedDeltaRuleDecodeMMA if cfg.tensor_cores else GatedDeltaRuleDecode
+    kernel = kind(rows_per_thread=cfg.rows_per_thread, **options)
     return cute.compile(kernel, *fake_arguments(cfg), options="--enable-tvm-ffi")
 
 

@@ -61,7 +61,13 @@ class GatedDeltaRuleDecode:
 
     intermediate: None, "rows" (request n writes row n of the intermediate
     states) or "indexed" (it writes row intermediate_indices[n]).
+
+    A subclass keeps the prologue (PDL, prefetches, index checks, padding rows) and the
+    input staging, and replaces what a CTA does with its tile through the hooks
+    `allocate_units`, `stage_unit_vectors`, `thread_rows` and `decode_tile`.
     """
+
+    lanes_per_row = LANES_PER_ROW
 
     def __init__(
         self,
@@ -83,14 +89,14 @@ class GatedDeltaRuleDecode:
             num_heads, num_v_heads, head_k_dim, head_v_dim, tokens)
         # Elements of one 16-byte state vector, and such vectors per lane per row.
         self.vec = VECTOR_BYTES // state_bytes
-        self.vecs_per_lane = head_k_dim // (LANES_PER_ROW * self.vec)
-        assert self.vecs_per_lane * LANES_PER_ROW * self.vec == head_k_dim
+        self.vecs_per_lane = head_k_dim // (self.lanes_per_row * self.vec)
+        assert self.vecs_per_lane * self.lanes_per_row * self.vec == head_k_dim
         assert head_v_dim % rows_per_cta == 0 and rows_per_cta % rows_per_thread == 0
         self.rows_per_cta = rows_per_cta
         self.tiles = head_v_dim // rows_per_cta
         self.rows_per_thread = rows_per_thread
         self.groups = rows_per_cta // rows_per_thread
-        self.threads = self.groups * LANES_PER_ROW
+        self.threads = self.groups * self.lanes_per_row
         assert intermediate in (None, "rows", "indexed")
         self.intermediate = intermediate
         self.update_state = update_state
@@ -148,11 +154,11 @@ class GatedDeltaRuleDecode:
 
     @cute.jit
     def lane_columns(self, row: cute.Tensor, lane: Int32) -> cute.Tensor:
-        """This lane's columns of a [K] row: (vec, vecs_per_lane) with stride (1, 8 * vec)."""
-        # (vec, lane, block): a 128-byte line is 8 lanes' vectors, and a row is such lines.
+        """This lane's columns of a [K] row: (vec, vecs_per_lane), stride (1, lanes_per_row * vec)."""
+        # (vec, lane, block): the row is runs of lanes_per_row lanes' 16-byte vectors.
         tiles = cute.composition(row, cute.make_layout(
-            (self.vec, LANES_PER_ROW, self.vecs_per_lane),
-            stride=(1, self.vec, self.vec * LANES_PER_ROW)))
+            (self.vec, self.lanes_per_row, self.vecs_per_lane),
+            stride=(1, self.vec, self.vec * self.lanes_per_row)))
         return tiles[None, lane, None]
 
     @cute.jit
@@ -185,12 +191,11 @@ class GatedDeltaRuleDecode:
 
     @cute.jit
     def stage_inputs(self, mQ: cute.Tensor, mK: cute.Tensor, mA: cute.Tensor, mB: cute.Tensor,
-                     mALog: cute.Tensor, mDtBias: cute.Tensor, sUnit: cute.Tensor, sGate: cute.Tensor,
+                     mALog: cute.Tensor, mDtBias: cute.Tensor, units, sGate: cute.Tensor,
                      n, h, hv, warp: Int32, warp_lane: Int32, scale: Float32):
-        """Every token's k̂, q̂ and k̂·q̂ (one warp per token), and its gates (the last warp)."""
+        """Every token's k̂ and q̂ (one warp per token), and its gates (the last warp)."""
         T = self.T
         warps = self.threads // 32
-        chunk = self.K // 32
         for w in cutlass.range_constexpr(warps):
             if warp == w:
                 gates = w == warps - 1
@@ -206,14 +211,8 @@ class GatedDeltaRuleDecode:
                 frags = [(self.load_lane_chunk(mK[n, t, h, None], warp_lane),
                           self.load_lane_chunk(mQ[n, t, h, None], warp_lane)) for t in tokens]
                 for t, (k_frag, q_frag) in zip(tokens, frags):
-                    k_unit = self.unit_vector(k_frag, Float32(1.0))
-                    q_unit = self.unit_vector(q_frag, scale)
-                    for j, unit in ((0, k_unit), (1, q_unit)):
-                        staged = cute.make_rmem_tensor((chunk,), Float32)
-                        staged.store(unit)
-                        cute.autovec_copy(staged, cute.local_tile(sUnit[None, j, t], (chunk,), (warp_lane,)))
-                    kq = self.warp_sum((k_unit * q_unit).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-                    sGate[KQ, t] = kq  # every lane holds the sum: no branch, one store wins
+                    self.stage_unit_vectors(units, sGate, t, self.unit_vector(k_frag, Float32(1.0)),
+                                            self.unit_vector(q_frag, scale), warp_lane)
                 if const_expr(gates):
                     if warp_lane < T:  # lane t: token t's decay and beta
                         x = Float32(a_raw) + Float32(dt_bias)
@@ -224,6 +223,22 @@ class GatedDeltaRuleDecode:
                             -Float32(cute.math.exp(Float32(a_log))) * softplus))
                         sGate[BETA, warp_lane] = Float32(1.0) / (
                             Float32(1.0) + Float32(cute.math.exp(-Float32(b_raw))))
+
+    def allocate_units(self, smem):
+        """Shared memory for the staged k̂ and q̂: sUnit[:, 0, t] = k̂ of token t, [:, 1, t] = q̂."""
+        return smem.allocate_tensor(Float32, self.unit_layout(), byte_alignment=16)
+
+    @cute.jit
+    def stage_unit_vectors(self, sUnit: cute.Tensor, sGate: cute.Tensor, t: int, k_unit, q_unit,
+                           warp_lane: Int32):
+        """Token t's k̂ and q̂ (this lane's chunk of each) and k̂·q̂, into shared memory."""
+        chunk = self.K // 32
+        for j, unit in ((0, k_unit), (1, q_unit)):
+            staged = cute.make_rmem_tensor((chunk,), Float32)
+            staged.store(unit)
+            cute.autovec_copy(staged, cute.local_tile(sUnit[None, j, t], (chunk,), (warp_lane,)))
+        kq = self.warp_sum((k_unit * q_unit).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+        sGate[KQ, t] = kq  # every lane holds the sum: no branch, one store wins
 
     @cute.jit
     def prefetch_tile(self, mPool: cute.Tensor, mIdx: cute.Tensor, n, hv, tile, tidx: Int32,
@@ -263,13 +278,37 @@ class GatedDeltaRuleDecode:
                              later % self.tiles, min_valid_slot)
 
     @cute.jit
-    def store_rows(self, frag: cute.Tensor, dst: cute.Tensor, lane: Int32, row0: Int32):
-        """Write this thread's rows (float32 registers) to a [V, K] state, converting once."""
-        out = cute.make_rmem_tensor(frag.shape, dst.element_type)
-        out.store(frag.load().to(dst.element_type))
-        for r in cutlass.range_constexpr(self.rows_per_thread):
-            cute.autovec_copy(out[None, None, r],
-                              self.lane_columns(dst[row0 + r * self.groups, None], lane))
+    def load_rows(self, gS: cute.Tensor, lane: Int32, rows) -> cute.Tensor:
+        """This thread's columns of its rows of a [V, K] state: (vec, vecs_per_lane, rows)."""
+        raw = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, len(rows)), gS.element_type)
+        for r in cutlass.range_constexpr(len(rows)):
+            cute.autovec_copy(self.lane_columns(gS[rows[r], None], lane), raw[None, None, r])
+        return raw
+
+    @cute.jit
+    def load_v(self, mV: cute.Tensor, n, hv, rows) -> cute.Tensor:
+        """v of this thread's rows, every token: (rows, T) in float32."""
+        v_in = cute.make_rmem_tensor((len(rows), self.T), Float32)
+        for t in cutlass.range_constexpr(self.T):
+            for r in cutlass.range_constexpr(len(rows)):
+                v_in[r, t] = Float32(mV[n, t, hv, rows[r]])
+        return v_in
+
+    @cute.jit
+    def store_rows(self, frag: cute.Tensor, dst: cute.Tensor, lane: Int32, rows):
+        """Write this thread's rows (registers) to a [V, K] state, converting once if need be."""
+        out = frag
+        if const_expr(frag.element_type != dst.element_type):
+            out = cute.make_rmem_tensor(frag.shape, dst.element_type)
+            out.store(frag.load().to(dst.element_type))
+        for r in cutlass.range_constexpr(len(rows)):
+            cute.autovec_copy(out[None, None, r], self.lane_columns(dst[rows[r], None], lane))
+
+    def thread_rows(self, tidx: Int32, tile):
+        """(this thread's lane among those sharing its rows, its rows of the head's [V, K] state)."""
+        row0 = tile * self.rows_per_cta + tidx // self.lanes_per_row
+        return tidx % self.lanes_per_row, [row0 + r * self.groups
+                                           for r in range(self.rows_per_thread)]
 
     @cute.kernel
     def kernel(
@@ -284,17 +323,13 @@ class GatedDeltaRuleDecode:
         # Consecutive CTAs walk one request's heads tile by tile, so the CTAs in flight
         # read few, long runs of contiguous state rather than one tile of many slots.
         tile, hv, n = bid % self.tiles, (bid // self.tiles) % self.HV, bid // (self.tiles * self.HV)
-        lane = tidx % LANES_PER_ROW
-        warp, warp_lane = tidx // 32, tidx % 32
-        row0 = tile * self.rows_per_cta + tidx // LANES_PER_ROW
-        h = hv // (self.HV // self.H)
-        R, T = self.rows_per_thread, self.T
+        lane, rows = self.thread_rows(tidx, tile)
 
         smem = cutlass.utils.SmemAllocator()
-        # sUnit[:, 0, t] = k̂ of token t, sUnit[:, 1, t] = q̂ (scaled); sGate[:, t] = its
-        # decay, beta and k̂·q̂.
-        sUnit = smem.allocate_tensor(Float32, self.unit_layout(), byte_alignment=16)
-        sGate = smem.allocate_tensor(Float32, cute.make_layout((3, T), stride=(T, 1)), byte_alignment=16)
+        units = self.allocate_units(smem)
+        # sGate[:, t] = token t's decay, beta and (for this class) k̂·q̂.
+        sGate = smem.allocate_tensor(Float32, cute.make_layout((3, self.T), stride=(self.T, 1)),
+                                     byte_alignment=16)
 
         if const_expr(self.use_pdl):
             # While the previous kernel finishes: pull this CTA's state into L2, if no
@@ -322,50 +357,53 @@ class GatedDeltaRuleDecode:
         if out_of_range and tidx == 0:
             mFlag[0] = Int32(1)
 
-        if valid:  # uniform over the CTA, so the barrier below is safe
-            # 1. Issue the state loads first: they are the bytes that matter.
-            gS = mPool[slot, hv, None, None]
-            raw = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), mPool.element_type)
-            for r in cutlass.range_constexpr(R):
-                cute.autovec_copy(self.lane_columns(gS[row0 + r * self.groups, None], lane),
-                                  raw[None, None, r])
-
-            # 2. While they fly: this thread's rows' v (issued now, so their latency is not
-            #    behind the staging), then every token's inputs in shared memory.
-            v_in = cute.make_rmem_tensor((R, T), Float32)
-            for t in cutlass.range_constexpr(T):
-                for r in cutlass.range_constexpr(R):
-                    v_in[r, t] = Float32(mV[n, t, hv, row0 + r * self.groups])
-            self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, sUnit, sGate, n, h, hv, warp,
-                              warp_lane, scale)
-            cute.arch.barrier()
-
-            # 3. The T tokens, the state in float32 registers throughout.
-            state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
-            state.store(raw.load().to(Float32))
-            for t in cutlass.range_constexpr(T):
-                k_hat = self.lane_columns(sUnit[None, 0, t], lane).load()
-                q_hat = self.lane_columns(sUnit[None, 1, t], lane).load()
-                decay, beta = sGate[DECAY, t], sGate[BETA, t]
-                for r in cutlass.range_constexpr(R):
-                    s = state[None, None, r].load()
-                    sk = self.row_sum((s * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-                    sq = self.row_sum((s * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-                    u = beta * (v_in[r, t] - decay * sk)
-                    state[None, None, r].store(s * decay + k_hat * u)
-                    # All 8 lanes of the row hold o and store it to one address, one store
-                    # winning: a lane-0 branch here split the token loop into blocks per row,
-                    # which cost registers and ~10% at T = 4.
-                    mOut[n, t, hv, row0 + r * self.groups] = (
-                        decay * sq + u * sGate[KQ, t]).to(mOut.element_type)
-                if const_expr(self.intermediate is not None):
-                    self.store_rows(state, mInter[inter_row, t, hv, None, None], lane, row0)
-
-            if const_expr(self.update_state):
-                self.store_rows(state, gS, lane, row0)
+        if valid:  # uniform over the CTA, so the barriers of decode_tile are safe
+            self.decode_tile(mQ, mK, mV, mA, mB, mALog, mDtBias, mOut, mInter,
+                             mPool[slot, hv, None, None], units, sGate, n, hv, inter_row,
+                             tidx, lane, rows, scale)
         else:
             if lane == 0:
-                for t in cutlass.range_constexpr(T):
-                    for r in cutlass.range_constexpr(R):
-                        mOut[n, t, hv, row0 + r * self.groups] = mOut.element_type(0.0)
+                for t in cutlass.range_constexpr(self.T):
+                    for row in rows:
+                        mOut[n, t, hv, row] = mOut.element_type(0.0)
 
+    @cute.jit
+    def decode_tile(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mA: cute.Tensor,
+                    mB: cute.Tensor, mALog: cute.Tensor, mDtBias: cute.Tensor, mOut: cute.Tensor,
+                    mInter: cute.Tensor, gS: cute.Tensor, sUnit: cute.Tensor, sGate: cute.Tensor,
+                    n, hv, inter_row, tidx: Int32, lane: Int32, rows, scale: Float32):
+        """Load this thread's rows of the state gS ([V, K]), run the T tokens, write them back."""
+        h = hv // (self.HV // self.H)
+        R, T = self.rows_per_thread, self.T
+
+        # 1. Issue the state loads first: they are the bytes that matter.
+        raw = self.load_rows(gS, lane, rows)
+        # 2. While they fly: this thread's rows' v (issued now, so their latency is not
+        #    behind the staging), then every token's inputs in shared memory.
+        v_in = self.load_v(mV, n, hv, rows)
+        self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, sUnit, sGate, n, h, hv, tidx // 32,
+                          tidx % 32, scale)
+        cute.arch.barrier()
+
+        # 3. The T tokens, the state in float32 registers throughout.
+        state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
+        state.store(raw.load().to(Float32))
+        for t in cutlass.range_constexpr(T):
+            k_hat = self.lane_columns(sUnit[None, 0, t], lane).load()
+            q_hat = self.lane_columns(sUnit[None, 1, t], lane).load()
+            decay, beta = sGate[DECAY, t], sGate[BETA, t]
+            for r in cutlass.range_constexpr(R):
+                s = state[None, None, r].load()
+                sk = self.row_sum((s * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+                sq = self.row_sum((s * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+                u = beta * (v_in[r, t] - decay * sk)
+                state[None, None, r].store(s * decay + k_hat * u)
+                # All 8 lanes of the row hold o and store it to one address, one store
+                # winning: a lane-0 branch here split the token loop into blocks per row,
+                # which cost registers and ~10% at T = 4.
+                mOut[n, t, hv, rows[r]] = (decay * sq + u * sGate[KQ, t]).to(mOut.element_type)
+            if const_expr(self.intermediate is not None):
+                self.store_rows(state, mInter[inter_row, t, hv, None, None], lane, rows)
+
+        if const_expr(self.update_state):
+            self.store_rows(state, gS, lane, rows)

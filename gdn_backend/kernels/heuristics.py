@@ -1,8 +1,8 @@
-"""Which tile shape serves a call: the kernel's one run-time choice.
+"""Which kernel and tile shape serve a call: the op's one run-time choice.
 
 A CTA owns `rows_per_cta` rows of one request's head; each thread holds
 `rows_per_thread` of them. The rules come from the tile sweeps on the H100
-(docs/perf_log.md, v6):
+(docs/perf_log.md, v6) and, for the tensor-core kernel, on the H200 (v9):
 
 - A batch whose 32-row tiles would not give every SM a CTA is latency-bound:
   8-row tiles spread each head over 16 CTAs.
@@ -10,10 +10,13 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
   bytes in flight. With an fp32 pool, from 256 heads (B x HV) on, 8-row tiles
   measured 2-7% faster: as many bytes in flight, in CTAs small enough to
   balance across SMs.
-- Several tokens: 2 rows a thread (about 85 registers, 128 threads), except
-  four tokens on a bf16 pool from 768 heads on, where reading k̂ and q̂ from
-  shared memory for every row bounds the step and 4 rows a thread halve those
-  reads (up to 10% faster; at three tokens they lose by 1%).
+- Three or four tokens on a bf16 pool: the tensor-core kernel (decode_mma.py),
+  whose per-element work is a few MMAs rather than 4 FP operations a token
+  (TP1, T = 4: 1.16-1.37x the copy against 1.39-1.54x). In 64-row CTAs of four
+  warps, whose staging of the tokens is spread over more warps, once those give
+  every SM two CTAs (from 132 heads); in 32-row CTAs below that. Not when
+  intermediate states are written: that kernel writes only the last state.
+- Otherwise, several tokens: 2 rows a thread (about 85 registers, 128 threads).
 """
 
 from __future__ import annotations
@@ -23,42 +26,57 @@ from dataclasses import dataclass
 # H100 and H200: 132 SMs.
 NUM_SMS = 132
 FINE_FP32_FROM_HEADS = 256
-WIDE_BF16_FOUR_TOKENS_FROM_HEADS = 768
-# Lanes that share one state row in the kernel (decode.py); a tile's threads follow from it.
+# Lanes that share one state row: in decode.py, and in decode_mma.py (a quad of an MMA).
 LANES_PER_ROW = 8
+MMA_LANES_PER_ROW = 4
+MMA_TOKENS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
 class Tile:
     rows_per_cta: int
     rows_per_thread: int
+    tensor_cores: bool = False   # decode_mma.py: rows_per_thread even, 8 x that a warp
 
     @property
     def threads(self) -> int:
-        return self.rows_per_cta // self.rows_per_thread * LANES_PER_ROW
+        lanes = MMA_LANES_PER_ROW if self.tensor_cores else LANES_PER_ROW
+        return self.rows_per_cta // self.rows_per_thread * lanes
 
 
 WIDE = Tile(rows_per_cta=32, rows_per_thread=4)    # 64 threads, 4 CTAs per head at V=128
 LARGE = Tile(rows_per_cta=32, rows_per_thread=2)   # 128 threads, 4 CTAs per head
 TINY = Tile(rows_per_cta=8, rows_per_thread=1)     # 64 threads, 16 CTAs per head
-TILES = (WIDE, LARGE, TINY)
+MMA = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)       # 64 threads
+MMA_WIDE = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)  # 128 threads
+TILES = (WIDE, LARGE, TINY, MMA, MMA_WIDE)
 
 
-def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int) -> Tile:
+def serves(tile: Tile, tokens: int, state_bytes: int, intermediate: bool = False) -> bool:
+    """Whether `tile`'s kernel can run this call: the tensor-core one takes bf16 pools, T <= 4,
+    and writes no intermediate states."""
+    return not tile.tensor_cores or (state_bytes == 2 and tokens in MMA_TOKENS
+                                     and not intermediate)
+
+
+def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,
+                intermediate: bool = False) -> Tile:
     """The tile for `batch` requests of `num_v_heads` heads of `head_v_dim` rows, `tokens`
-    tokens each, on a pool of `state_bytes`-byte elements."""
+    tokens each, on a pool of `state_bytes`-byte elements; `intermediate`: every token's
+    state is written too."""
     heads = batch * num_v_heads
     fp32 = state_bytes == 4
     if heads * (head_v_dim // LARGE.rows_per_cta) < NUM_SMS:
         return TINY
     if tokens == 1:
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
-    if tokens == 4 and not fp32 and heads >= WIDE_BF16_FOUR_TOKENS_FROM_HEADS:
-        return WIDE
+    if tokens in (3, 4) and serves(MMA, tokens, state_bytes, intermediate):
+        return MMA_WIDE if heads * (head_v_dim // MMA_WIDE.rows_per_cta) >= 2 * NUM_SMS else MMA
     return LARGE
 
 
-def tiles_for(num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int) -> tuple[Tile, ...]:
+def tiles_for(num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,
+              intermediate: bool = False) -> tuple[Tile, ...]:
     """Every tile `choose_tile` can return for some batch size: what warm-up compiles."""
-    return tuple(dict.fromkeys(choose_tile(b, num_v_heads, head_v_dim, tokens, state_bytes)
-                               for b in range(1, 4097)))
+    return tuple(dict.fromkeys(choose_tile(b, num_v_heads, head_v_dim, tokens, state_bytes,
+                                           intermediate) for b in range(1, 4097)))

@@ -44,7 +44,7 @@ def config_for(problem: Problem, q, k, a, A_log, dt_bias, state_pool, state_indi
                intermediate_states, intermediate_indices, update_state) -> _compile.KernelConfig:
     vec = 16 // state_pool.element_size()
     tile = choose_tile(problem.batch, problem.num_v_heads, problem.head_v_dim, problem.tokens,
-                       state_pool.element_size())
+                       state_pool.element_size(), intermediate=intermediate_states is not None)
     state_ok = _aligned(state_pool, vec, state_pool.stride()[:1])
     mode = None
     if intermediate_states is not None:
@@ -57,7 +57,7 @@ def config_for(problem: Problem, q, k, a, A_log, dt_bias, state_pool, state_indi
         dt_bias_dtype=dt_bias.dtype,
         state_dtype=state_pool.dtype, index_dtype=state_indices.dtype,
         rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
-        intermediate=mode,
+        tensor_cores=tile.tensor_cores, intermediate=mode,
         inter_index_dtype=None if intermediate_indices is None else intermediate_indices.dtype,
         update_state=update_state,
         qkv_vectorized=all(_aligned(t, _compile.qk_chunk(problem.head_k_dim), t.stride()[:3])
@@ -81,9 +81,10 @@ def gated_delta_rule_decode(
 
 def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
     """`base` at every tile the heuristic can choose for some batch size."""
-    return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread)
+    return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread,
+                    tensor_cores=t.tensor_cores)
             for t in tiles_for(base.num_v_heads, base.head_v_dim, base.tokens,
-                               base.state_dtype.itemsize)]
+                               base.state_dtype.itemsize, base.intermediate is not None)]
 
 
 def compile_ahead(base: _compile.KernelConfig) -> None:
