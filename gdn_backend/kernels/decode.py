@@ -62,9 +62,9 @@ class GatedDeltaRuleDecode:
     intermediate: None, "rows" (request n writes row n of the intermediate
     states) or "indexed" (it writes row intermediate_indices[n]).
 
-    A subclass keeps the prologue (PDL, prefetches, index checks, padding rows) and the
-    input staging, and replaces what a CTA does with its tile through the hooks
-    `allocate_units`, `stage_unit_vectors`, `thread_rows` and `decode_tile`.
+    A subclass keeps the prologue (PDL, prefetches, index checks, padding rows), the state
+    and v loads and the input staging, and replaces what a CTA does with them through the
+    hooks `allocate_units`, `stage_unit_vectors`, `thread_rows` and `run_tokens`.
     """
 
     lanes_per_row = LANES_PER_ROW
@@ -357,10 +357,19 @@ class GatedDeltaRuleDecode:
         if out_of_range and tidx == 0:
             mFlag[0] = Int32(1)
 
-        if valid:  # uniform over the CTA, so the barriers of decode_tile are safe
-            self.decode_tile(mQ, mK, mV, mA, mB, mALog, mDtBias, mOut, mInter,
-                             mPool[slot, hv, None, None], units, sGate, n, hv, inter_row,
-                             tidx, lane, rows, scale)
+        if valid:  # uniform over the CTA, so the barriers are safe
+            # 1. Issue the state loads first: they are the bytes that matter.
+            gS = mPool[slot, hv, None, None]
+            raw = self.load_rows(gS, lane, rows)
+            # 2. While they fly: this thread's rows' v (issued now, so their latency is not
+            #    behind the staging), then every token's inputs in shared memory.
+            v_in = self.load_v(mV, n, hv, rows)
+            self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, n,
+                              hv // (self.HV // self.H), hv, tidx // 32, tidx % 32, scale)
+            cute.arch.barrier()
+            # 3. The T tokens.
+            self.run_tokens(mOut, mInter, gS, raw, v_in, units, sGate, n, hv, inter_row, tidx,
+                            lane, rows)
         else:
             if lane == 0:
                 for t in cutlass.range_constexpr(self.T):
@@ -368,24 +377,13 @@ class GatedDeltaRuleDecode:
                         mOut[n, t, hv, row] = mOut.element_type(0.0)
 
     @cute.jit
-    def decode_tile(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mA: cute.Tensor,
-                    mB: cute.Tensor, mALog: cute.Tensor, mDtBias: cute.Tensor, mOut: cute.Tensor,
-                    mInter: cute.Tensor, gS: cute.Tensor, sUnit: cute.Tensor, sGate: cute.Tensor,
-                    n, hv, inter_row, tidx: Int32, lane: Int32, rows, scale: Float32):
-        """Load this thread's rows of the state gS ([V, K]), run the T tokens, write them back."""
-        h = hv // (self.HV // self.H)
+    def run_tokens(self, mOut: cute.Tensor, mInter: cute.Tensor, gS: cute.Tensor,
+                   raw: cute.Tensor, v_in: cute.Tensor, sUnit: cute.Tensor, sGate: cute.Tensor,
+                   n, hv, inter_row, tidx: Int32, lane: Int32, rows):
+        """The T tokens on this thread's rows of the state gS ([V, K]), `raw` as loaded and
+        the inputs staged; write the outputs and the state. The state stays in float32
+        registers throughout."""
         R, T = self.rows_per_thread, self.T
-
-        # 1. Issue the state loads first: they are the bytes that matter.
-        raw = self.load_rows(gS, lane, rows)
-        # 2. While they fly: this thread's rows' v (issued now, so their latency is not
-        #    behind the staging), then every token's inputs in shared memory.
-        v_in = self.load_v(mV, n, hv, rows)
-        self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, sUnit, sGate, n, h, hv, tidx // 32,
-                          tidx % 32, scale)
-        cute.arch.barrier()
-
-        # 3. The T tokens, the state in float32 registers throughout.
         state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
         state.store(raw.load().to(Float32))
         for t in cutlass.range_constexpr(T):

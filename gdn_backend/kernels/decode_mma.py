@@ -40,11 +40,12 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T as ir
 
 from .decode import BETA, DECAY, GatedDeltaRuleDecode
+from .heuristics import MMA_LANES_PER_ROW, MMA_TOKENS
 
 MMA_ROWS = 16
-# Vectors staged per token (k̂, q̂), and tokens step 4's K dimension holds.
-VECTORS = 8
-MAX_TOKENS = VECTORS // 2
+# Tokens step 4's K dimension holds, and the vectors staged for them (k̂, q̂ each): N of step 1.
+MAX_TOKENS = max(MMA_TOKENS)
+VECTORS = 2 * MAX_TOKENS
 # Shared-memory strides in words, padded so that the lanes of a quarter warp reach
 # different banks: per staged vector (K words: its high and low parts), per (column,
 # token) of step 4's k̂ words, and per row of the turned-around dot products.
@@ -79,7 +80,7 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
     """A warp owns `rows_per_thread` / 2 blocks of 16 rows of a head's state; its staged
     vectors and token-pair products serve all of them."""
 
-    lanes_per_row = 4
+    lanes_per_row = MMA_LANES_PER_ROW
 
     def __init__(self, *, rows_per_cta: int, rows_per_thread: int, **options):
         super().__init__(rows_per_cta=rows_per_cta, rows_per_thread=rows_per_thread, **options)
@@ -141,21 +142,12 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
                         x[e], bf16_residual(x[e]))
 
     @cute.jit
-    def decode_tile(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mA: cute.Tensor,
-                    mB: cute.Tensor, mALog: cute.Tensor, mDtBias: cute.Tensor, mOut: cute.Tensor,
-                    mInter: cute.Tensor, gS: cute.Tensor, units, sGate: cute.Tensor,
-                    n, hv, inter_row, tidx: Int32, lane: Int32, rows, scale: Float32):
+    def run_tokens(self, mOut: cute.Tensor, mInter: cute.Tensor, gS: cute.Tensor,
+                   raw: cute.Tensor, v_in: cute.Tensor, units, sGate: cute.Tensor,
+                   n, hv, inter_row, tidx: Int32, lane: Int32, rows):
         sVec, sKhat, sDots = units
         T, R = self.T, self.rows_per_thread
-        h = hv // (self.HV // self.H)
-        warp, warp_lane = tidx // 32, tidx % 32
-        g = warp_lane // 4
-
-        raw = self.load_rows(gS, lane, rows)
-        v_in = self.load_v(mV, n, hv, rows)
-        self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, n, h, hv, warp,
-                          warp_lane, scale)
-        cute.arch.barrier()
+        warp, g = tidx // 32, tidx % 32 // 4
 
         # Steps 1 and 2. S0[word, j, r]: words 2i, 2i + 1 of vector j of row r are B's
         # columns of k-block 2j + i. vec[:, 2j + i]: vector g's A fragment for that k-block
