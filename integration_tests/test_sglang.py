@@ -128,3 +128,31 @@ def test_unsupported_head_dims_are_a_clear_startup_error(registered, tmp_path, m
     model = write_tiny_model(tmp_path, head_dim=64)
     with pytest.raises(RuntimeError, match=r"K, V = \(64, 64\).*drop --linear-attn-decode-backend"):
         build_dispatcher(model, "--linear-attn-decode-backend", "gdn_backend")
+
+
+def test_explicit_decode_backend_wins_over_the_base_flag(registered, tiny_model, monkeypatch):
+    monkeypatch.setattr(plugin, "check_device", lambda: None)
+    dispatcher = build_dispatcher(tiny_model, "--linear-attn-backend", "gdn_backend",
+                                  "--linear-attn-decode-backend", "triton")
+    assert type(dispatcher.decode_kernel).__name__ == "TritonGDNKernel"
+    assert type(dispatcher.verify_kernel).__name__ == "TritonGDNKernel"
+    assert type(dispatcher.extend_kernel).__name__ == "TritonGDNKernel"
+
+
+@pytest.mark.parametrize("mode", ["compact", "cap-accept"])
+def test_ragged_verify_mode_is_a_clear_startup_error(registered, tiny_model, monkeypatch, mode):
+    monkeypatch.setattr(plugin, "check_device", lambda: None)
+    monkeypatch.setenv("SGLANG_RAGGED_VERIFY_MODE", mode)
+    with pytest.raises(RuntimeError, match=f"SGLANG_RAGGED_VERIFY_MODE={mode}.*"
+                                           "--linear-attn-verify-backend"):
+        build_dispatcher(tiny_model, "--linear-attn-decode-backend", "gdn_backend")
+
+
+def test_ragged_verify_mode_with_another_verify_kernel_keeps_our_decode(registered, tiny_model,
+                                                                         monkeypatch):
+    monkeypatch.setattr(plugin, "check_device", lambda: None)
+    monkeypatch.setenv("SGLANG_RAGGED_VERIFY_MODE", "compact")
+    dispatcher = build_dispatcher(tiny_model, "--linear-attn-decode-backend", "gdn_backend",
+                                  "--linear-attn-verify-backend", "triton")
+    assert isinstance(dispatcher.decode_kernel, plugin.GDNBackendKernel)
+    assert type(dispatcher.verify_kernel).__name__ == "TritonGDNKernel"

@@ -124,6 +124,21 @@ def test_chain_verify_writes_intermediate_states_and_leaves_the_pool(device):
     assert buffer[:, T:].isnan().all() and buffer[rows].isnan().all()
 
 
+def test_chain_verify_of_unequal_rows_is_refused():
+    """T is SGLang's draft_token_num (cache_steps); a token count that is not B * T means
+    ragged rows, which this adapter does not serve."""
+    layer = SGLangLayer("cpu", seed=6)
+    mixed, a, b, idx = layer.batch(2, 2, tokens=3)
+    q, k, v = torch.split(mixed[:5], [H * K, H * K, HV * V], dim=-1)
+    with pytest.raises(ValueError, match="5 tokens for 2 requests of 3 draft tokens"):
+        GDNBackendKernel().target_verify(
+            layer.A_log, layer.dt_bias, q.view(1, 5, H, K), k.view(1, 5, H, K),
+            v.view(1, 5, HV, V), a[:5], b[:5], ssm_states=layer.ssm_states, cache_indices=idx,
+            query_start_loc=torch.tensor([0, 3, 5], dtype=torch.int32),
+            intermediate_states_buffer=torch.zeros(3, 3, HV, V, K),
+            intermediate_state_indices=torch.arange(2, dtype=torch.int32), cache_steps=3)
+
+
 def test_replayssm_buffers_are_refused_naming_the_option():
     layer = SGLangLayer("cpu", seed=4)
     mixed, a, b, idx = layer.batch(2, 2)

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "gdn_backend"
 FLAG = f"--linear-attn-decode-backend {BACKEND_NAME}"
+RAGGED_VERIFY_ENV = "SGLANG_RAGGED_VERIFY_MODE"
 DISPATCHER_INIT = "sglang.srt.layers.attention.linear.gdn_backend.GDNKernelDispatcher.__init__"
 
 
@@ -84,7 +85,7 @@ class GDNBackendKernel(_kernel_base()):
     def target_verify(self, A_log, dt_bias, q, k, v, a, b, *, ssm_states, cache_indices,
                       query_start_loc, intermediate_states_buffer, intermediate_state_indices,
                       cache_steps, retrieve_parent_token=None, **kwargs):
-        """Chain verify of T draft tokens per request, q/k/v [1, B*T, ...].
+        """Chain verify of T = cache_steps draft tokens per request, q/k/v [1, B*T, ...].
 
         Writes the state after every token to intermediate_states_buffer[row, t]
         ([rows, D_max, HV, V, K], row intermediate_state_indices[n]) and leaves the
@@ -94,8 +95,11 @@ class GDNBackendKernel(_kernel_base()):
         if retrieve_parent_token is not None:
             raise NotImplementedError(
                 "gdn_backend serves chain verify only; SGLang routes tree verify to its own kernel")
-        B = cache_indices.shape[0]
-        T = q.shape[1] // B
+        B, T = cache_indices.shape[0], cache_steps
+        if q.shape[1] != B * T:
+            raise ValueError(
+                f"chain verify got {q.shape[1]} tokens for {B} requests of {T} draft tokens; "
+                f"gdn_backend serves rows of equal length only ({RAGGED_VERIFY_ENV}=static)")
         per_request = lambda x: x[0].unflatten(0, (B, T))  # noqa: E731  [B, T, heads, dim] views
         out = gated_delta_rule_decode(
             per_request(q), per_request(k), per_request(v), a.unflatten(0, (B, T)),
@@ -111,11 +115,28 @@ class GDNBackendKernel(_kernel_base()):
 
 
 def selected() -> bool:
-    """Whether this process's server arguments name gdn_backend for GDN decode."""
+    """Whether this process's server arguments name gdn_backend for GDN decode.
+
+    An explicit --linear-attn-decode-backend wins; the base --linear-attn-backend
+    counts only where no decode backend is named, as in SGLang's own resolution.
+    """
     from sglang.srt.runtime_context import get_exec
 
     mamba = get_exec().mamba
-    return BACKEND_NAME in (mamba.linear_attn_decode_backend, mamba.linear_attn_backend)
+    decode = mamba.linear_attn_decode_backend
+    return (decode or mamba.linear_attn_backend) == BACKEND_NAME
+
+
+def check_verify_mode() -> None:
+    """Fail at start-up where SGLang would hand chain verify rows of different lengths."""
+    from sglang.srt.speculative.ragged_verify import RaggedVerifyMode, read_ragged_verify_mode
+
+    mode = read_ragged_verify_mode()
+    if mode != RaggedVerifyMode.STATIC:
+        raise RuntimeError(
+            f"gdn_backend's chain verify serves rows of equal length; {RAGGED_VERIFY_ENV}="
+            f"{mode.value} gives ragged rows: unset it (or set it to static), name another "
+            f"kernel with --linear-attn-verify-backend, or drop {FLAG}")
 
 
 def check_device() -> None:
@@ -144,26 +165,35 @@ def check_model() -> None:
 
 
 def _dispatcher_init(original, self, decode_backend, prefill_backend, verify_backend=None):
-    """SGLang's dispatcher, with gdn_backend's kernel for decode and chain verify when chosen."""
-    if not selected():
-        return original(self, decode_backend, prefill_backend, verify_backend)
-    check_device()
-    check_model()
+    """SGLang's dispatcher, with gdn_backend's kernel for decode and chain verify when chosen.
+
+    gdn_backend serves no prefill: where the prefill choice resolves to its name (the
+    base flag names it), SGLang's Triton prefill runs, whether or not decode is ours.
+    """
     from sglang.srt.layers.attention.linear.utils import LinearAttnKernelBackend
     from sglang.srt.runtime_context import get_exec
 
+    mamba = get_exec().mamba
+    named = mamba.linear_attn_prefill_backend or mamba.linear_attn_backend
+    if prefill_backend.is_custom() and named == BACKEND_NAME:
+        prefill_backend = LinearAttnKernelBackend.TRITON
+    if not selected():
+        return original(self, decode_backend, prefill_backend, verify_backend)
+    serve_verify = mamba.linear_attn_verify_backend is None  # no explicit choice
+    check_device()
+    check_model()
+    if serve_verify:
+        check_verify_mode()
     # SGLang maps names it does not know to CUSTOM; let it build everything else as usual.
-    triton = LinearAttnKernelBackend.TRITON
-    original(self, triton, triton if prefill_backend.is_custom() else prefill_backend,
-             verify_backend)
+    original(self, LinearAttnKernelBackend.TRITON, prefill_backend, verify_backend)
     kernel = GDNBackendKernel()
     self.decode_kernel = kernel
     self.supports_packed_decode = True
-    if get_exec().mamba.linear_attn_verify_backend is None:  # no explicit verify choice
+    if serve_verify:
         self.verify_kernel = kernel
         self.verify_kernel_is_flashinfer = False
     logger.info("gdn_backend active: GDN decode%s run on gdn_backend's pooled CuTe DSL kernel",
-                " and chain verify" if self.verify_kernel is kernel else "")
+                " and chain verify" if serve_verify else "")
 
 
 def register() -> None:
