@@ -21,11 +21,12 @@ import torch
 
 from engines import require
 
-require("sglang.srt.layers.attention.linear.gdn_backend")
+require("sglang")
 
 import sglang_kit  # noqa: E402
 
-sglang_kit.install_stand_ins()
+sglang_kit.install_stand_ins()  # before SGLang's modules import sgl_kernel
+require("sglang.srt.layers.attention.linear.gdn_backend")
 
 import sglang_kit_modes as modes  # noqa: E402
 from sglang.srt.layers.attention.linear.kernels.gdn_triton import TritonGDNKernel  # noqa: E402
@@ -145,6 +146,9 @@ MODES = {
         sglang_kit.verify_case(heads, prefix_lens=(5, 6), name="gdn_tree_verify"), topk=2),
         "TritonGDNKernel.target_verify"),
 }
+# The kit publishes speculative_eagle_topk=1 for every verify case, so SGLang's backend
+# builds no tree links and its tree cases run as chains; a tree needs EAGLE's top-k > 1.
+FLAGS = {"tree_verify": {"speculative_eagle_topk": 2}}
 
 
 class Report:
@@ -174,7 +178,8 @@ def report():
 def _run(backend, heads, ssm, mode, model_paths):
     run, _ = MODES[mode]
     comparisons = Comparisons()
-    with use_backend(backend, ssm_dtype=SSM_DTYPES[ssm], model_path=model_paths[heads]), \
+    with use_backend(backend, ssm_dtype=SSM_DTYPES[ssm], model_path=model_paths[heads],
+                     **FLAGS.get(mode, {})), \
             modes.kernel_calls() as calls, comparisons.recording():
         try:
             result = run(heads)
