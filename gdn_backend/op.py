@@ -14,7 +14,7 @@ import os
 import torch
 
 from . import errors as _flag
-from .reference import gated_delta_rule_decode_reference
+from .reference import decode_reference
 from .validation import validate
 
 OP_NAME = "gdn_backend::gated_delta_rule_decode"
@@ -43,31 +43,23 @@ def _default_scale(head_k_dim: int, scale: float | None) -> float:
 def _run(
     q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, error_flag,
     scale, min_valid_slot, intermediate_states, intermediate_indices, update_state,
+    num_accepted_tokens, cu_seqlens, max_tokens,
 ) -> None:
-    problem = validate(
+    call = validate(
         q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out,
-        scale=scale, min_valid_slot=min_valid_slot,
-        intermediate_states=intermediate_states, intermediate_indices=intermediate_indices,
+        scale=scale, min_valid_slot=min_valid_slot, intermediate_states=intermediate_states,
+        intermediate_indices=intermediate_indices, update_state=update_state,
+        num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens, max_tokens=max_tokens,
     )
     _check_flag_tensor(error_flag, state_pool.device)
-    if problem.batch == 0:
+    if call.problem.batch == 0:
         return
     if state_pool.device.type == "cuda":
         from .kernels import launch
 
-        launch.gated_delta_rule_decode(
-            problem, q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out,
-            error_flag, scale=scale, min_valid_slot=min_valid_slot,
-            intermediate_states=intermediate_states, intermediate_indices=intermediate_indices,
-            update_state=update_state,
-        )
+        launch.gated_delta_rule_decode(call, error_flag)
     elif state_pool.device.type == "cpu":
-        gated_delta_rule_decode_reference(
-            q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out,
-            scale=scale, min_valid_slot=min_valid_slot,
-            intermediate_states=intermediate_states, intermediate_indices=intermediate_indices,
-            update_state=update_state, error_flag=error_flag,
-        )
+        decode_reference(call, error_flag)
     else:
         raise NotImplementedError(
             f"state_pool is on {state_pool.device}; gdn_backend runs on the CPU (reference) "
@@ -103,10 +95,14 @@ def _decode_op(
     intermediate_states: torch.Tensor | None,
     intermediate_indices: torch.Tensor | None,
     update_state: bool,
+    num_accepted_tokens: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_tokens: int | None,
 ) -> None:
     _run(
         q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, error_flag,
         scale, min_valid_slot, intermediate_states, intermediate_indices, update_state,
+        num_accepted_tokens, cu_seqlens, max_tokens,
     )
 
 
@@ -114,11 +110,13 @@ def _decode_op(
 def _decode_op_fake(
     q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, error_flag,
     scale, min_valid_slot, intermediate_states, intermediate_indices, update_state,
+    num_accepted_tokens, cu_seqlens, max_tokens,
 ) -> None:
     validate(
         q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out,
-        scale=scale, min_valid_slot=min_valid_slot,
-        intermediate_states=intermediate_states, intermediate_indices=intermediate_indices,
+        scale=scale, min_valid_slot=min_valid_slot, intermediate_states=intermediate_states,
+        intermediate_indices=intermediate_indices, update_state=update_state,
+        num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens, max_tokens=max_tokens,
     )
 
 
@@ -139,6 +137,9 @@ def gated_delta_rule_decode(
     intermediate_states: torch.Tensor | None = None,
     intermediate_indices: torch.Tensor | None = None,
     update_state: bool = True,
+    num_accepted_tokens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """One Gated DeltaNet decode step of T tokens, in place on a pooled state.
 
@@ -148,9 +149,12 @@ def gated_delta_rule_decode(
         a, b: [B, T, HV] gate inputs; A_log, dt_bias: [HV].
         state_pool: [P, HV, V, K] fp32/bf16, each slot dense, any slot stride.
         state_indices: [B] int32/int64; request n reads and writes slot
-            state_indices[n].
+            state_indices[n]. Or per-token slots [B, T] (last dim contiguous, any
+            row stride): request n reads slot [n, num_accepted_tokens[n] - 1] and
+            writes the state after token t to slot [n, t] (vLLM's speculative
+            decode); a write slot that is padding is skipped.
         scale: query scale, K**-0.5 by default.
-        out: optional [B, T, HV, V] output (v's dtype), written in place.
+        out: optional output shaped like v (v's dtype), written in place.
         min_valid_slot: indices below it are padding (0: negative indices pad,
             SGLang's PAD_SLOT_ID = -1; 1: slot 0 is a null block too, vLLM's).
             Indices >= P are errors: skipped and recorded in the error flag.
@@ -160,9 +164,17 @@ def gated_delta_rule_decode(
             request (row n when not given); same padding rule as state_indices.
         update_state: False leaves the pool untouched (verify writes only the
             intermediate states).
+        num_accepted_tokens: [B] int32, with per-token state_indices: 1..T.
+        cu_seqlens: [B + 1] int32, ragged rows: request n has tokens cu_seqlens[n]
+            .. cu_seqlens[n + 1] - 1 (0 to T of them) of q, k [1, N, H, K],
+            v [1, N, HV, V], a, b [1, N, HV]; out is [1, N, HV, V].
+        max_tokens: T for ragged rows, where neither per-token state_indices nor
+            intermediate_states give it.
 
     Returns `out`. Padding rows of `out` are zero; slots not named by a valid
-    index are left byte-for-byte unchanged.
+    index are left byte-for-byte unchanged. With ragged rows, output tokens that
+    belong to no request are left as they were. A malformed row (a length past
+    T, num_accepted_tokens outside 1..T) is skipped and sets the error flag.
     """
     if out is None:
         out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -171,6 +183,7 @@ def gated_delta_rule_decode(
     _decode_op(
         q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, flag,
         scale, min_valid_slot, intermediate_states, intermediate_indices, update_state,
+        num_accepted_tokens, cu_seqlens, max_tokens,
     )
     if os.environ.get(CHECK_INDICES_ENV) == "1" and not torch.compiler.is_compiling():
         _flag.raise_if_set(state_pool.device)
@@ -192,34 +205,43 @@ def warmup(
     index_dtype: torch.dtype = torch.int32,
     tokens: tuple[int, ...] = (1,),
     intermediate: bool = False,
+    per_token_slots: bool = False,
+    ragged: bool = False,
 ) -> None:
     """Prepare a configuration before CUDA-graph capture.
 
     Runs the op once per token count on a one-request batch whose only index is
     padding, so nothing is written to any pool: this allocates the device's
     error flag and compiles every kernel variant the configuration needs, and
-    no call inside capture allocates or compiles.
+    no call inside capture allocates or compiles. `intermediate`, `per_token_slots`
+    and `ragged` name the modes of the calls to come.
     """
     device = torch.device(device)
     H, HV, K, V = num_heads, num_v_heads, head_k_dim, head_v_dim
     pool = torch.zeros(1, HV, V, K, dtype=state_dtype, device=device)
-    pad = torch.full((1,), -1, dtype=index_dtype, device=device)
     A_log = torch.zeros(HV, dtype=A_log_dtype, device=device)
     dt_bias = torch.zeros(HV, dtype=dt_bias_dtype, device=device)
     for T in tokens:
         q = torch.zeros(1, T, H, K, dtype=qkv_dtype, device=device)
         v = torch.zeros(1, T, HV, V, dtype=qkv_dtype, device=device)
         gate = torch.zeros(1, T, HV, dtype=gate_dtype, device=device)
-        inter = torch.zeros(1, T, HV, V, K, dtype=state_dtype, device=device) if intermediate else None
-        rows = pad if intermediate else None
-        out = gated_delta_rule_decode(
-            q, q, v, gate, gate, A_log, dt_bias, pool, pad,
-            intermediate_states=inter, intermediate_indices=rows, update_state=not intermediate,
+        pad = torch.full((1, T) if per_token_slots else (1,), -1, dtype=index_dtype,
+                         device=device)
+        options = dict(
+            intermediate_states=(torch.zeros(1, T, HV, V, K, dtype=state_dtype, device=device)
+                                 if intermediate else None),
+            intermediate_indices=pad if intermediate else None,
+            update_state=not intermediate,
+            num_accepted_tokens=(torch.ones(1, dtype=torch.int32, device=device)
+                                 if per_token_slots else None),
+            cu_seqlens=(torch.tensor([0, T], dtype=torch.int32, device=device)
+                        if ragged else None),
+            max_tokens=T if ragged else None,
         )
+        out = gated_delta_rule_decode(q, q, v, gate, gate, A_log, dt_bias, pool, pad, **options)
         if device.type == "cuda":
             from .kernels import launch
 
-            problem = validate(q, q, v, gate, gate, A_log, dt_bias, pool, pad, out, scale=1.0,
-                               min_valid_slot=0, intermediate_states=inter, intermediate_indices=rows)
-            launch.compile_ahead(launch.config_for(
-                problem, q, q, gate, A_log, dt_bias, pool, pad, inter, rows, not intermediate))
+            call = validate(q, q, v, gate, gate, A_log, dt_bias, pool, pad, out, scale=1.0,
+                            min_valid_slot=0, **options)
+            launch.compile_ahead(launch.config_for(call))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .validation import Call, validate
+
 L2NORM_EPS = 1e-6
 
 
@@ -37,70 +39,113 @@ def valid_rows(indices: torch.Tensor, num_slots: int, min_valid_slot: int):
     return (idx >= min_valid_slot) & ~out_of_range, out_of_range
 
 
-def gated_delta_rule_decode_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    state_pool: torch.Tensor,
-    state_indices: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    scale: float,
-    min_valid_slot: int = 0,
-    intermediate_states: torch.Tensor | None = None,
-    intermediate_indices: torch.Tensor | None = None,
-    update_state: bool = True,
-    error_flag: torch.Tensor | None = None,
-) -> None:
-    """One decode step of T tokens for B requests, in place on `state_pool`.
+def gated_delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, state_pool, state_indices,
+                                      out, *, scale, error_flag=None, **options) -> None:
+    """SPEC.md's step on plain arguments (the op's, `out` given): validated, then run."""
+    decode_reference(validate(q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out,
+                              scale=scale, **{"min_valid_slot": 0, **options}), error_flag)
 
-    Shapes as SPEC.md: q, k [B, T, H, K]; v, out [B, T, HV, V]; a, b [B, T, HV];
-    state_pool [P, HV, V, K]; state_indices [B]. `intermediate_states`
-    [N, T, HV, V, K] receives the state after each token of each valid request,
-    at row `intermediate_indices[n]` (or row n when those are not given).
-    `update_state=False` leaves the pool untouched (speculative verify).
+
+def _request_tokens(call: Call):
+    """(lengths [B], rows_ok [B], gather): how many tokens each request has, whether its row
+    is well formed, and a function taking [B, T, ...] (or ragged [1, N, ...]) inputs to
+    [B, T, ...] per-request tokens (a ragged row's tokens past its length repeat its last)."""
+    B, T = call.problem.batch, call.problem.tokens
+    device = call.q.device
+    if not call.ragged:
+        return (torch.full((B,), T, device=device), torch.ones(B, dtype=torch.bool, device=device),
+                lambda x: x)
+    N = call.q.shape[1]
+    cu = call.cu_seqlens.long()
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    rows_ok = (starts >= 0) & (lengths >= 0) & (lengths <= T) & (cu[1:] <= N)
+    last = (lengths - 1).clamp(min=0)[:, None]
+    positions = (starts[:, None] + torch.minimum(torch.arange(T, device=device)[None], last))
+    positions = positions.clamp(0, max(N - 1, 0))
+    return lengths, rows_ok, lambda x: x[0][positions]
+
+
+def decode_reference(call: Call, error_flag: torch.Tensor | None = None) -> None:
+    """One decode step for every request of a validated call, in place on its pool.
+
+    Request n reads one slot (state_indices[n], or [n, num_accepted[n] - 1] with per-token
+    slots), runs its tokens in order (T, or its row's length with ragged rows), and writes
+    the state after token t to intermediate_states[row, t] and (per-token slots) to slot
+    [n, t], and after its last token to its slot (update_state, one slot a request). A
+    request runs only where its slot and rows are real and its row is well formed; a
+    malformed row (length past T, num_accepted outside 1..T) or an index past its buffer
+    is skipped and sets the error flag.
     """
-    B, T, H, _ = q.shape
-    HV = v.shape[2]
-    valid, out_of_range = valid_rows(state_indices, state_pool.shape[0], min_valid_slot)
-    if intermediate_states is not None:
-        if intermediate_indices is None:
-            intermediate_indices = torch.arange(B, device=q.device)
-        inter_valid, inter_oob = valid_rows(
-            intermediate_indices, intermediate_states.shape[0], min_valid_slot
-        )
+    B, T = call.problem.batch, call.problem.tokens
+    H, HV, V = call.problem.num_heads, call.problem.num_v_heads, call.problem.head_v_dim
+    pool, device = call.state_pool, call.q.device
+    P, low = pool.shape[0], call.min_valid_slot
+    lengths, rows_ok, per_request = _request_tokens(call)
+
+    if call.per_token_slots:
+        accepted = call.num_accepted_tokens.long()
+        rows_ok = rows_ok & (accepted >= 1) & (accepted <= T)
+        column = (accepted - 1).clamp(0, T - 1)[:, None]
+        read_slots = call.state_indices.long().gather(1, column)[:, 0]
+    else:
+        read_slots = call.state_indices.long()
+    valid, out_of_range = valid_rows(read_slots, P, low)
+    inter, inter_rows = call.intermediate_states, None
+    if inter is not None:
+        inter_rows = (call.intermediate_indices.long() if call.intermediate_indices is not None
+                      else torch.arange(B, device=device))
+        inter_valid, inter_oob = valid_rows(inter_rows, inter.shape[0], low)
         # A request runs only when both of its destinations are real.
         valid &= inter_valid
         out_of_range |= inter_oob
+    out_of_range |= ~rows_ok
+    valid &= rows_ok & (lengths >= 1)
+    if call.per_token_slots:
+        written = (torch.arange(T, device=device)[None] < lengths[:, None]) & valid[:, None]
+        out_of_range |= ((call.state_indices.long() >= P) & written).any(dim=1)
     if error_flag is not None:
         error_flag.copy_(torch.maximum(error_flag, out_of_range.any().to(error_flag.dtype)))
 
-    out.zero_()
+    out = call.out
+    if call.ragged:  # the tokens of well-formed rows; tokens of no row are left alone
+        cu = call.cu_seqlens.long()
+        for n in rows_ok.nonzero().squeeze(1).tolist():
+            out[0, cu[n]:cu[n + 1]] = 0
+    else:
+        out.zero_()
     rows = valid.nonzero().squeeze(1)
     if rows.numel() == 0:
         return
-    slots = state_indices[rows].long()
 
     group = HV // H
-    qn = l2_normalize(q[rows].float()).repeat_interleave(group, dim=2) * scale
-    kn = l2_normalize(k[rows].float()).repeat_interleave(group, dim=2)
-    vf = v[rows].float()
-    g, beta = gate_and_beta(a[rows], b[rows], A_log, dt_bias)
+    pick = lambda x: per_request(x)[rows]  # noqa: E731  [R, T, ...]
+    qn = l2_normalize(pick(call.q).float()).repeat_interleave(group, dim=2) * call.scale
+    kn = l2_normalize(pick(call.k).float()).repeat_interleave(group, dim=2)
+    vf = pick(call.v).float()
+    g, beta = gate_and_beta(pick(call.a), pick(call.b), call.A_log, call.dt_bias)
+    active = torch.arange(T, device=device)[None] < lengths[rows][:, None]  # [R, T]
 
-    S = state_pool[slots].float()  # [R, HV, V, K]
-    o = torch.empty(rows.numel(), T, HV, v.shape[3], dtype=torch.float32, device=q.device)
+    S = pool[read_slots[rows]].float()  # [R, HV, V, K]: every read before any write
+    o = torch.empty(rows.numel(), T, HV, V, dtype=torch.float32, device=device)
     for t in range(T):
-        S = S * g[:, t].exp()[..., None, None]
-        u = beta[:, t, :, None] * (vf[:, t] - torch.einsum("rhvk,rhk->rhv", S, kn[:, t]))
-        S = S + u[..., None] * kn[:, t, :, None, :]
-        o[:, t] = torch.einsum("rhvk,rhk->rhv", S, qn[:, t])
-        if intermediate_states is not None:
-            inter_rows = intermediate_indices[rows].long()
-            intermediate_states[inter_rows, t] = S.to(intermediate_states.dtype)
-    out[rows] = o.to(out.dtype)
-    if update_state:
-        state_pool[slots] = S.to(state_pool.dtype)
+        step = S * g[:, t].exp()[..., None, None]
+        u = beta[:, t, :, None] * (vf[:, t] - torch.einsum("rhvk,rhk->rhv", step, kn[:, t]))
+        step = step + u[..., None] * kn[:, t, :, None, :]
+        o[:, t] = torch.einsum("rhvk,rhk->rhv", step, qn[:, t])
+        now = active[:, t]
+        S = torch.where(now[:, None, None, None], step, S)
+        if inter is not None:
+            inter[inter_rows[rows[now]], t] = S[now].to(inter.dtype)
+        if call.per_token_slots:
+            slots = call.state_indices[rows, t].long()
+            write = now & (slots >= low) & (slots < P)
+            pool[slots[write]] = S[write].to(pool.dtype)
+    o = o.to(out.dtype)
+    if call.ragged:
+        cu = call.cu_seqlens.long()
+        for r, n in enumerate(rows.tolist()):
+            out[0, cu[n]:cu[n + 1]] = o[r, : cu[n + 1] - cu[n]]
+    else:
+        out[rows] = o
+    if call.update_state and not call.per_token_slots:
+        pool[read_slots[rows]] = S.to(pool.dtype)

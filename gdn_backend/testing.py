@@ -133,3 +133,48 @@ def no_host_sync():
         yield
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def per_token_slots(problem: DecodeProblem, *, seed: int = 0, padded_writes: int = 1):
+    """vLLM's per-token slots for `problem`'s requests: (state_indices [B, T], num_accepted [B]).
+
+    Request n reads the slot `problem.state_indices` gives it (padding stays padding), from
+    column num_accepted[n] - 1, which it writes again after that token; its other columns
+    are fresh slots, `padded_writes` of them (over the batch) padding.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B, T = problem.q.shape[:2]
+    P = problem.state_pool.shape[0]
+    reads = problem.state_indices.cpu().long()
+    taken = set(reads.tolist())
+    fresh = [s for s in torch.randperm(P, generator=gen).tolist()
+             if s not in taken and s >= problem.kwargs.get("min_valid_slot", 0)]
+    assert len(fresh) >= B * T, "the pool needs a fresh slot for every token"
+    accepted = torch.randint(1, T + 1, (B,), generator=gen)
+    table = torch.tensor(fresh[: B * T]).view(B, T)
+    table[torch.arange(B), accepted - 1] = reads
+    writes = [(n, t) for n in range(B) for t in range(T) if t != accepted[n] - 1]
+    for i in torch.randperm(len(writes), generator=gen)[:padded_writes].tolist():
+        table[writes[i]] = PAD_SLOT_ID
+    device = problem.state_indices.device
+    return (table.to(problem.state_indices.dtype).to(device),
+            accepted.to(torch.int32).to(device))
+
+
+def ragged_rows(problem: DecodeProblem, lengths, trailing: int = 2) -> dict:
+    """`problem`'s requests as ragged rows: request n keeps its first lengths[n] tokens, one
+    after another in [1, N, ...] inputs, with `trailing` tokens of no request at the end.
+
+    Returns q, k, v, a, b and cu_seqlens [B + 1] (int32).
+    """
+    device = problem.q.device
+    gen = torch.Generator(device="cpu").manual_seed(len(lengths) + trailing)
+
+    def flat(x):
+        rows = [x[n, :length] for n, length in enumerate(lengths)]
+        extra = torch.randn(trailing, *x.shape[2:], generator=gen).to(x.dtype).to(device)
+        return torch.cat(rows + [extra]).unsqueeze(0)
+
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return {"q": flat(problem.q), "k": flat(problem.k), "v": flat(problem.v),
+            "a": flat(problem.a), "b": flat(problem.b), "cu_seqlens": cu.to(device)}

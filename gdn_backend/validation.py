@@ -23,7 +23,7 @@ MAX_TOKENS = 8
 
 @dataclass(frozen=True)
 class Problem:
-    """The sizes of one validated call."""
+    """The sizes of one validated call. `tokens` is T, the most tokens a request has."""
 
     batch: int
     tokens: int
@@ -32,6 +32,41 @@ class Problem:
     head_k_dim: int
     head_v_dim: int
     num_slots: int
+
+
+@dataclass(frozen=True)
+class Call:
+    """One validated call: its tensors, options and sizes, handed as one to the kernels'
+    launch and to the reference."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    A_log: torch.Tensor
+    dt_bias: torch.Tensor
+    state_pool: torch.Tensor
+    state_indices: torch.Tensor
+    out: torch.Tensor
+    scale: float
+    min_valid_slot: int
+    intermediate_states: torch.Tensor | None
+    intermediate_indices: torch.Tensor | None
+    update_state: bool
+    num_accepted_tokens: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    problem: Problem
+
+    @property
+    def per_token_slots(self) -> bool:
+        """state_indices [B, T]: read slot [n, num_accepted[n] - 1], token t's state to [n, t]."""
+        return self.state_indices.dim() == 2
+
+    @property
+    def ragged(self) -> bool:
+        """cu_seqlens [B + 1]: request n has tokens cu[n] .. cu[n+1] - 1 of [1, N, ...] inputs."""
+        return self.cu_seqlens is not None
 
 
 def _names(dtypes) -> str:
@@ -87,17 +122,77 @@ def _check_dense_slots(name: str, t: torch.Tensor, inner_dims: int) -> None:
             )
 
 
+def _check_index_vector(name: str, t: torch.Tensor, length: int, what: str, dtypes) -> None:
+    _check_rank(name, t, 1, what)
+    _check_dtype(name, t, dtypes)
+    _check_shape(name, t, (length,), what)
+    if length > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} has stride {t.stride(0)}; it must be contiguous")
+
+
+def _tokens_per_request(q, cu_seqlens, state_indices, intermediate_states, max_tokens) -> int:
+    """T: q's token dim, or for ragged rows the bound every row's length is held to."""
+    if cu_seqlens is None:
+        if max_tokens is not None:
+            raise ValueError("max_tokens was given without cu_seqlens; without ragged rows "
+                             "T is q's token dim")
+        return q.shape[1]
+    implied = {}
+    if state_indices.dim() == 2:
+        implied["state_indices [B, T]"] = state_indices.shape[1]
+    if intermediate_states is not None and intermediate_states.dim() == 5:
+        implied["intermediate_states [N, T, HV, V, K]"] = intermediate_states.shape[1]
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            raise TypeError(f"max_tokens is {max_tokens!r}; it must be an int")
+        implied["max_tokens"] = max_tokens
+    if not implied:
+        raise ValueError("ragged rows (cu_seqlens) need T, the most tokens a request has: give "
+                         "max_tokens, per-token state_indices [B, T] or intermediate_states")
+    first, *others = implied.values()
+    if any(other != first for other in others):  # no set: under torch.compile these are SymInts
+        raise ValueError("ragged rows get different T from "
+                         + ", ".join(f"{k} ({v})" for k, v in implied.items()))
+    return first
+
+
 def validate(
     q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, *,
-    scale, min_valid_slot, intermediate_states, intermediate_indices,
-) -> Problem:
-    """Check one call against SPEC.md; return its sizes."""
-    _check_rank("q", q, 4, "[B, T, H, K]")
-    B, T, H, K = q.shape
-    _check_rank("v", v, 4, "[B, T, HV, V]")
+    scale, min_valid_slot, intermediate_states=None, intermediate_indices=None,
+    update_state=True, num_accepted_tokens=None, cu_seqlens=None, max_tokens=None,
+) -> Call:
+    """Check one call against SPEC.md; return it as one validated `Call`."""
+    _check_rank("q", q, 4, "[B, T, H, K] (ragged rows: [1, N, H, K])")
+    _check_rank("v", v, 4, "[B, T, HV, V] (ragged rows: [1, N, HV, V])")
     HV, V = v.shape[2], v.shape[3]
     _check_rank("state_pool", state_pool, 4, "[P, HV, V, K]")
     P = state_pool.shape[0]
+    if not isinstance(state_indices, torch.Tensor):
+        raise TypeError(f"state_indices must be a torch.Tensor, got {type(state_indices).__name__}")
+    if state_indices.dim() not in (1, 2):
+        raise ValueError(f"state_indices has shape {tuple(state_indices.shape)}; it must be [B] "
+                         "(one slot a request) or [B, T] (per-token slots)")
+    if intermediate_states is not None:
+        _check_rank("intermediate_states", intermediate_states, 5, "[N, T, HV, V, K]")
+
+    ragged = cu_seqlens is not None
+    if ragged:
+        _check_rank("cu_seqlens", cu_seqlens, 1, "[B + 1]")
+        _check_dtype("cu_seqlens", cu_seqlens, (torch.int32,))
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens is empty; it must be [B + 1] with B >= 0")
+        if cu_seqlens.shape[0] > 1 and cu_seqlens.stride(0) != 1:
+            raise ValueError(f"cu_seqlens has stride {cu_seqlens.stride(0)}; it must be contiguous")
+        B = cu_seqlens.shape[0] - 1
+        if q.shape[0] != 1:
+            raise ValueError(f"q has shape {tuple(q.shape)}; with ragged rows (cu_seqlens) it "
+                             "must be [1, N, H, K], every request's tokens one after another")
+    else:
+        B = q.shape[0]
+    N, H, K = q.shape[1], q.shape[2], q.shape[3]
+    T = _tokens_per_request(q, cu_seqlens, state_indices, intermediate_states, max_tokens)
+    lead = (1, N) if ragged else (B, T)
+    lead_text = "[1, N" if ragged else "[B, T"
 
     _check_dtype("q", q, QKV_DTYPES)
     for name, t in (("k", k), ("v", v)):
@@ -105,21 +200,22 @@ def validate(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype}; it must match q's dtype {q.dtype}")
-    _check_rank("k", k, 4, "[B, T, H, K]")
-    _check_shape("k", k, (B, T, H, K), "q's shape [B, T, H, K]")
-    if v.shape[:2] != (B, T):
-        raise ValueError(f"v has shape {tuple(v.shape)}; it must be [B, T, HV, V] with B, T = {B}, {T} from q")
+    _check_rank("k", k, 4, f"{lead_text}, H, K]")
+    _check_shape("k", k, tuple(q.shape), f"q's shape {lead_text}, H, K]")
+    if tuple(v.shape[:2]) != lead:
+        raise ValueError(f"v has shape {tuple(v.shape)}; it must be {lead_text}, HV, V] with "
+                         f"its first dims {lead} from q")
     if T < 1 or T > MAX_TOKENS:
-        raise ValueError(f"q has T = {T} tokens per request; T must be in 1..{MAX_TOKENS}")
+        raise ValueError(f"T = {T} tokens per request; T must be in 1..{MAX_TOKENS}")
     if H < 1 or HV % H != 0:
         raise ValueError(
             f"v has HV = {HV} value heads and q has H = {H} heads; HV must be a positive multiple of H"
         )
 
     for name, t in (("a", a), ("b", b)):
-        _check_rank(name, t, 3, "[B, T, HV]")
+        _check_rank(name, t, 3, f"{lead_text}, HV]")
         _check_dtype(name, t, GATE_DTYPES)
-        _check_shape(name, t, (B, T, HV), "[B, T, HV]")
+        _check_shape(name, t, (*lead, HV), f"{lead_text}, HV]")
     if b.dtype != a.dtype:
         raise TypeError(f"b has dtype {b.dtype}; it must match a's dtype {a.dtype}")
     for name, t in (("A_log", A_log), ("dt_bias", dt_bias)):
@@ -133,44 +229,55 @@ def validate(
         raise ValueError("state_pool has no slots; it must have P >= 1")
     _check_dense_slots("state_pool", state_pool, 3)
 
-    _check_rank("state_indices", state_indices, 1, "[B]")
     _check_dtype("state_indices", state_indices, INDEX_DTYPES)
-    _check_shape("state_indices", state_indices, (B,), "[B]")
-    if B > 1 and state_indices.stride(0) != 1:
-        raise ValueError(f"state_indices has stride {state_indices.stride(0)}; it must be contiguous")
+    if state_indices.dim() == 2:
+        _check_shape("state_indices", state_indices, (B, T), "[B, T] (per-token slots)")
+        if T > 1 and state_indices.stride(1) != 1:
+            raise ValueError(f"state_indices has strides {state_indices.stride()}; per-token "
+                             "slots need the last dim contiguous (any row stride)")
+        if num_accepted_tokens is None:
+            raise ValueError("per-token state_indices [B, T] need num_accepted_tokens [B]: "
+                             "request n reads slot [n, num_accepted_tokens[n] - 1]")
+        _check_index_vector("num_accepted_tokens", num_accepted_tokens, B, "[B]", (torch.int32,))
+        if intermediate_states is not None:
+            raise ValueError("per-token state_indices write each token's state to its own "
+                             "slot; intermediate_states do not combine with them")
+        if not update_state:
+            raise ValueError("per-token state_indices write each token's state to its slot; "
+                             "update_state=False does not apply to them")
+    else:
+        _check_index_vector("state_indices", state_indices, B, "[B]", INDEX_DTYPES)
+        if num_accepted_tokens is not None:
+            raise ValueError("num_accepted_tokens was given with state_indices [B]; it goes "
+                             "with per-token state_indices [B, T]")
 
-    _check_rank("out", out, 4, "[B, T, HV, V]")
+    _check_rank("out", out, 4, f"{lead_text}, HV, V]")
     if out.dtype != v.dtype:
         raise TypeError(f"out has dtype {out.dtype}; it must match v's dtype {v.dtype}")
-    _check_shape("out", out, (B, T, HV, V), "[B, T, HV, V]")
+    _check_shape("out", out, (*lead, HV, V), f"{lead_text}, HV, V]")
 
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         _check_last_dim_contiguous(name, t)
 
     if intermediate_states is not None:
-        _check_rank("intermediate_states", intermediate_states, 5, "[N, T, HV, V, K]")
         if intermediate_states.dtype != state_pool.dtype:
             raise TypeError(
                 f"intermediate_states has dtype {intermediate_states.dtype}; "
                 f"it must match state_pool's dtype {state_pool.dtype}"
             )
-        N = intermediate_states.shape[0]
-        _check_shape("intermediate_states", intermediate_states, (N, T, HV, V, K), "[N, T, HV, V, K]")
+        rows = intermediate_states.shape[0]
+        _check_shape("intermediate_states", intermediate_states, (rows, T, HV, V, K),
+                     "[N, T, HV, V, K]")
         _check_dense_slots("intermediate_states", intermediate_states, 3)
         if intermediate_indices is None:
-            if N < B:
+            if rows < B:
                 raise ValueError(
-                    f"intermediate_states has {N} rows for B = {B} requests; without "
+                    f"intermediate_states has {rows} rows for B = {B} requests; without "
                     "intermediate_indices it needs at least B rows (row n for request n)"
                 )
         else:
-            _check_rank("intermediate_indices", intermediate_indices, 1, "[B]")
-            _check_dtype("intermediate_indices", intermediate_indices, INDEX_DTYPES)
-            _check_shape("intermediate_indices", intermediate_indices, (B,), "[B]")
-            if B > 1 and intermediate_indices.stride(0) != 1:
-                raise ValueError(
-                    f"intermediate_indices has stride {intermediate_indices.stride(0)}; it must be contiguous"
-                )
+            _check_index_vector("intermediate_indices", intermediate_indices, B, "[B]",
+                                INDEX_DTYPES)
     elif intermediate_indices is not None:
         raise ValueError("intermediate_indices was given without intermediate_states")
 
@@ -178,6 +285,7 @@ def validate(
         "q": q, "k": k, "v": v, "a": a, "b": b, "A_log": A_log, "dt_bias": dt_bias,
         "state_indices": state_indices, "out": out,
         "intermediate_states": intermediate_states, "intermediate_indices": intermediate_indices,
+        "num_accepted_tokens": num_accepted_tokens, "cu_seqlens": cu_seqlens,
     }
     for name, t in tensors.items():
         if t is not None and t.device != state_pool.device:
@@ -190,4 +298,6 @@ def validate(
             f"min_valid_slot is {min_valid_slot!r}; it must be an int >= 0 "
             "(0: negative indices are padding; 1: slot 0 is a null block too)"
         )
-    return Problem(B, T, H, HV, K, V, P)
+    return Call(q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, float(scale),
+                min_valid_slot, intermediate_states, intermediate_indices, bool(update_state),
+                num_accepted_tokens, cu_seqlens, Problem(B, T, H, HV, K, V, P))

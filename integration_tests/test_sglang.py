@@ -139,20 +139,19 @@ def test_explicit_decode_backend_wins_over_the_base_flag(registered, tiny_model,
     assert type(dispatcher.extend_kernel).__name__ == "TritonGDNKernel"
 
 
-@pytest.mark.parametrize("mode", ["compact", "cap-accept"])
-def test_ragged_verify_mode_is_a_clear_startup_error(registered, tiny_model, monkeypatch, mode):
+@pytest.mark.parametrize("mode, ragged", [("static", False), ("compact", True),
+                                          ("cap-accept", True)])
+def test_sglangs_ragged_verify_mode_reaches_our_verify_kernel(registered, tiny_model, monkeypatch,
+                                                              mode, ragged):
     monkeypatch.setattr(plugin, "check_device", lambda: None)
     monkeypatch.setenv("SGLANG_RAGGED_VERIFY_MODE", mode)
-    with pytest.raises(RuntimeError, match=f"SGLANG_RAGGED_VERIFY_MODE={mode}.*"
-                                           "--linear-attn-verify-backend"):
-        build_dispatcher(tiny_model, "--linear-attn-decode-backend", "gdn_backend")
+    dispatcher = build_dispatcher(tiny_model, "--linear-attn-decode-backend", "gdn_backend")
+    assert dispatcher.verify_kernel is dispatcher.decode_kernel
+    assert dispatcher.verify_kernel.ragged_verify is ragged
 
 
-def test_ragged_verify_mode_with_another_verify_kernel_keeps_our_decode(registered, tiny_model,
-                                                                         monkeypatch):
+def test_an_unknown_ragged_verify_mode_is_sglangs_own_error(registered, tiny_model, monkeypatch):
     monkeypatch.setattr(plugin, "check_device", lambda: None)
-    monkeypatch.setenv("SGLANG_RAGGED_VERIFY_MODE", "compact")
-    dispatcher = build_dispatcher(tiny_model, "--linear-attn-decode-backend", "gdn_backend",
-                                  "--linear-attn-verify-backend", "triton")
-    assert isinstance(dispatcher.decode_kernel, plugin.GDNBackendKernel)
-    assert type(dispatcher.verify_kernel).__name__ == "TritonGDNKernel"
+    monkeypatch.setenv("SGLANG_RAGGED_VERIFY_MODE", "sometimes")
+    with pytest.raises(ValueError, match="invalid SGLANG_RAGGED_VERIFY_MODE='sometimes'"):
+        build_dispatcher(tiny_model, "--linear-attn-decode-backend", "gdn_backend")

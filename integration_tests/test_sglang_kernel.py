@@ -124,13 +124,53 @@ def test_chain_verify_writes_intermediate_states_and_leaves_the_pool(device):
     assert buffer[:, T:].isnan().all() and buffer[rows].isnan().all()
 
 
-def test_chain_verify_of_unequal_rows_is_refused():
-    """T is SGLang's draft_token_num (cache_steps); a token count that is not B * T means
-    ragged rows, which this adapter does not serve."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_ragged_chain_verify_runs_each_row_on_query_start_loc(device):
+    """SGLang's ragged verify: rows of 1..T tokens one after another, padding rows (slot -1)
+    with tokens too, the states to the intermediate buffer, the pool left alone."""
+    bs, live, T, D_max = 4, 3, 3, 4
+    lengths = [3, 1, 2, 2]
+    layer = SGLangLayer(device, seed=7)
+    mixed, a, b, idx = layer.batch(bs, live, tokens=T)
+    rows = torch.cat([torch.arange(n * T, n * T + length) for n, length in enumerate(lengths)])
+    mixed, a, b = mixed[rows.to(device)], a[rows.to(device)], b[rows.to(device)]
+    N = len(rows)
+    qsl = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                       device=device)
+    buffer = torch.full((bs + 1, D_max, HV, V, K), float("nan"), device=device)
+    rows_idx = torch.tensor([0, 1, 2, bs], dtype=torch.int32, device=device)
+    before = layer.ssm_states.clone()
+    q, k, v = torch.split(mixed, [H * K, H * K, HV * V], dim=-1)
+    out = GDNBackendKernel(ragged_verify=True).target_verify(
+        layer.A_log, layer.dt_bias, q.view(1, N, H, K), k.view(1, N, H, K), v.view(1, N, HV, V),
+        a, b, ssm_states=layer.ssm_states, cache_indices=idx, query_start_loc=qsl,
+        intermediate_states_buffer=buffer, intermediate_state_indices=rows_idx, cache_steps=T,
+        retrieve_parent_token=None)
+    assert out.shape == (1, N, HV, V)
+    assert torch.equal(layer.ssm_states, before)
+    for n, length in enumerate(lengths):
+        start = int(qsl[n])
+        want_out, _ = layer.expected(mixed[start:start + length], a[start:start + length],
+                                     b[start:start + length], idx[n:n + 1], tokens=length)
+        if n >= live:
+            assert (out[0, start:start + length] == 0).all()
+            continue
+        assert relative_error(out[0, start:start + length], want_out[0]) < TOL[torch.bfloat16]
+        want_inter = torch.empty(1, length, HV, V, K, device=device)
+        layer.expected(mixed[start:start + length], a[start:start + length],
+                       b[start:start + length], idx[n:n + 1], tokens=length,
+                       intermediate_states=want_inter, update_state=False)
+        assert relative_error(buffer[n, :length], want_inter[0]) < TOL[torch.float32]
+        assert buffer[n, length:].isnan().all()
+
+
+def test_static_chain_verify_of_unequal_rows_is_refused():
+    """T is SGLang's draft_token_num (cache_steps); with static verify every request has T
+    tokens, so another count is an error rather than a wrong T."""
     layer = SGLangLayer("cpu", seed=6)
     mixed, a, b, idx = layer.batch(2, 2, tokens=3)
     q, k, v = torch.split(mixed[:5], [H * K, H * K, HV * V], dim=-1)
-    with pytest.raises(ValueError, match="5 tokens for 2 requests of 3 draft tokens"):
+    with pytest.raises(ValueError, match="5 tokens for 2 requests of 3 draft tokens.*static"):
         GDNBackendKernel().target_verify(
             layer.A_log, layer.dt_bias, q.view(1, 5, H, K), k.view(1, 5, H, K),
             v.view(1, 5, HV, V), a[:5], b[:5], ssm_states=layer.ssm_states, cache_indices=idx,

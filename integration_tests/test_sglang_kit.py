@@ -98,12 +98,14 @@ def test_kit_with_an_explicit_triton_decode_keeps_sglangs_kernels(model_paths):
     assert isinstance(dispatcher.extend_kernel, TritonGDNKernel)
 
 
-def test_kit_refuses_ragged_verify_with_gdn_backend(model_paths, no_gpu_check, monkeypatch):
+def test_kit_under_sglangs_ragged_verify_builds_our_ragged_verify(model_paths, no_gpu_check,
+                                                                  monkeypatch):
     monkeypatch.setenv("SGLANG_RAGGED_VERIFY_MODE", "compact")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with use_backend("gdn_backend", ssm_dtype=torch.float32, model_path=model_paths["TP8"]), \
-            pytest.raises(RuntimeError, match="SGLANG_RAGGED_VERIFY_MODE=compact"):
-        modes._build(sglang_kit.verify_case("TP8"), device=device)
+    with use_backend("gdn_backend", ssm_dtype=torch.float32, model_path=model_paths["TP8"]):
+        fixture = modes._build(sglang_kit.verify_case("TP8"), device=device)
+    verify = fixture.backend.linear_attn_backend.kernel_dispatcher.verify_kernel
+    assert isinstance(verify, GDNBackendKernel) and verify.ragged_verify
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kit's whole forward")

@@ -49,6 +49,14 @@ def variants() -> dict:
             out[f"{s}_verify_indexed_T{T}"] = replace(
                 base, tokens=T, intermediate="indexed", inter_index_dtype=torch.int64,
                 update_state=False)
+        for T in (2, 4):
+            out[f"{s}_slots_T{T}"] = replace(base, tokens=T, per_token_slots=True)
+            out[f"{s}_ragged_verify_T{T}"] = replace(
+                base, tokens=T, ragged=True, intermediate="indexed",
+                inter_index_dtype=torch.int32, update_state=False)
+        out[f"{s}_ragged_decode_T2"] = replace(base, tokens=2, ragged=True)
+        out[f"{s}_ragged_slots_T4_int64"] = replace(base, tokens=4, ragged=True,
+                                                    per_token_slots=True, index_dtype=torch.int64)
         out[f"{s}_tp8_fp16_fp32gates_int64"] = replace(
             base, num_heads=2, num_v_heads=4, qkv_dtype=torch.float16, gate_dtype=torch.float32,
             A_log_dtype=torch.bfloat16, dt_bias_dtype=torch.float32,

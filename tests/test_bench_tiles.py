@@ -39,10 +39,7 @@ def test_the_command_line_refuses_a_bad_tile_before_touching_a_gpu(capsys):
 
 def _config(p):
     out = torch.empty(p.v.shape, dtype=p.q.dtype)
-    problem = validate(*p.args, out, scale=1.0, min_valid_slot=0, intermediate_states=None,
-                       intermediate_indices=None)
-    return launch.config_for(problem, p.q, p.k, p.a, p.A_log, p.dt_bias, p.state_pool,
-                             p.state_indices, None, None, True)
+    return launch.config_for(validate(*p.args, out, scale=1.0, min_valid_slot=0))
 
 
 def test_a_forced_tile_reaches_the_kernel_configuration_and_is_undone_after():

@@ -44,7 +44,9 @@ def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
     stores = sum(ptx.count(f"st.global.v4.{t}") for t in ("f32", "b32"))
     lanes_per_row = 4 if cfg.tensor_cores else 8
     per_copy = cfg.rows_per_thread * cfg.head_k_dim // (lanes_per_row * 16 // cfg.state_dtype.itemsize)
-    copies = int(cfg.update_state) + (cfg.tokens if cfg.intermediate else 0)
+    # The last state to the pool (not with per-token slots), or every token's state.
+    each_token = cfg.intermediate is not None or cfg.per_token_slots
+    copies = int(cfg.update_state and not cfg.per_token_slots) + (cfg.tokens if each_token else 0)
     assert stores == (per_copy * copies if cfg.state_vectorized else 0)
 
 
@@ -60,10 +62,10 @@ def test_state_prefetch_runs_ahead_of_the_wait_and_one_launch_at_most(ptx_dir, n
         return
     wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
     assert wait < trigger  # the next launch may start only once this one has passed its wait
-    if cfg.state_vectorized:
+    if cfg.state_vectorized and not cfg.per_token_slots:
         assert ptx.index("ld.global.cg") < ptx.index(PREFETCH) < wait
-    else:
-        assert PREFETCH not in ptx
+    else:  # per-token slots: the slot is two dependent reads away, no early prefetch
+        assert PREFETCH not in ptx[:wait]
 
 
 @pytest.mark.parametrize("name", VARIANTS)

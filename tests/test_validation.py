@@ -100,3 +100,90 @@ def test_bad_option_raises_before_writing(device, case):
     assert_rejected_cleanly(
         problem, lambda: gdn_backend.gated_delta_rule_decode(*problem.args, **build(problem)),
         error, message)
+
+
+def per_token(p, **changes):
+    """The base call with per-token slots [B, T] and num_accepted_tokens, then `changes`."""
+    table = p.state_indices[:, None].repeat(1, p.q.shape[1]).contiguous()
+    accepted = torch.ones(p.q.shape[0], dtype=torch.int32, device=p.q.device)
+    return {**dict(zip(("q", "k", "v", "a", "b", "A_log", "dt_bias", "state_pool"), p.args)),
+            "state_indices": table, "num_accepted_tokens": accepted, **changes}
+
+
+def ragged(p, **changes):
+    """The base call as ragged rows (every request all T tokens), then `changes`."""
+    B, T = p.q.shape[:2]
+    flat = {name: getattr(p, name).flatten(0, 1).unsqueeze(0) for name in "qkvab"}
+    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=p.q.device)
+    return {**flat, "A_log": p.A_log, "dt_bias": p.dt_bias, "state_pool": p.state_pool,
+            "state_indices": p.state_indices, "cu_seqlens": cu, "max_tokens": T, **changes}
+
+
+MODE_CASES = {
+    "per-token slots without num_accepted": (
+        lambda p: per_token(p, num_accepted_tokens=None), ValueError, "need num_accepted_tokens"),
+    "num_accepted with one slot a request": (
+        lambda p: {**per_token(p), "state_indices": p.state_indices}, ValueError,
+        "goes with per-token state_indices"),
+    "num_accepted dtype": (
+        lambda p: per_token(p, num_accepted_tokens=torch.ones(4, dtype=torch.int64,
+                                                              device=p.q.device)),
+        TypeError, "num_accepted_tokens has dtype"),
+    "num_accepted shape": (
+        lambda p: per_token(p, num_accepted_tokens=torch.ones(3, dtype=torch.int32,
+                                                              device=p.q.device)),
+        ValueError, "num_accepted_tokens has shape"),
+    "per-token slots of another T": (
+        lambda p: per_token(p, state_indices=p.state_indices[:, None].repeat(1, 3)),
+        ValueError, r"state_indices has shape \(4, 3\)"),
+    "per-token slots strided along T": (
+        lambda p: per_token(p, state_indices=p.state_indices[:, None].repeat(1, 4)[:, ::2]),
+        ValueError, "last dim contiguous"),
+    "per-token slots with intermediate states": (
+        lambda p: per_token(p, intermediate_states=torch.zeros(4, 2, 4, 128, 128,
+                                                               device=p.q.device)),
+        ValueError, "do not combine"),
+    "per-token slots without updating the state": (
+        lambda p: per_token(p, update_state=False), ValueError, "update_state=False"),
+    "indices of three dims": (
+        lambda p: per_token(p, state_indices=p.state_indices[:, None, None]), ValueError,
+        r"must be \[B\]"),
+    "cu_seqlens dtype": (
+        lambda p: ragged(p, cu_seqlens=torch.arange(0, 9, 2, device=p.q.device)), TypeError,
+        "cu_seqlens has dtype"),
+    "cu_seqlens empty": (
+        lambda p: ragged(p, cu_seqlens=torch.zeros(0, dtype=torch.int32, device=p.q.device)),
+        ValueError, "cu_seqlens is empty"),
+    "ragged q not flat": (
+        lambda p: ragged(p, q=p.q, k=p.k), ValueError, r"must be \[1, N, H, K\]"),
+    "ragged v of another length": (
+        lambda p: ragged(p, v=p.v.flatten(0, 1)[:5].unsqueeze(0)), ValueError, "v has shape"),
+    "ragged a not flat": (
+        lambda p: ragged(p, a=p.a), ValueError, "a has shape"),
+    "ragged indices of another batch": (
+        lambda p: ragged(p, state_indices=p.state_indices[:3]), ValueError,
+        "state_indices has shape"),
+    "ragged rows without T": (
+        lambda p: ragged(p, max_tokens=None), ValueError, "need T"),
+    "ragged rows of disagreeing T": (
+        lambda p: ragged(p, max_tokens=3, intermediate_states=torch.zeros(
+            4, 2, 4, 128, 128, device=p.q.device), update_state=False),
+        ValueError, "different T"),
+    "max_tokens without ragged rows": (
+        lambda p: {**dict(zip(("q", "k", "v", "a", "b", "A_log", "dt_bias", "state_pool",
+                               "state_indices"), p.args)), "max_tokens": 2},
+        ValueError, "max_tokens was given without cu_seqlens"),
+}
+
+
+@pytest.mark.parametrize("case", MODE_CASES)
+def test_bad_mode_argument_raises_before_writing(device, case):
+    build, error, message = MODE_CASES[case]
+    problem = base(device)
+    assert_rejected_cleanly(
+        problem, lambda: gdn_backend.gated_delta_rule_decode(**build(problem)), error, message)
+
+
+@pytest.mark.parametrize("build", [per_token, ragged], ids=["per-token slots", "ragged rows"])
+def test_well_formed_mode_arguments_are_accepted(build):
+    gdn_backend.gated_delta_rule_decode(**build(base("cpu")))

@@ -55,11 +55,18 @@ def _refuse_unserved(kwargs: dict) -> None:
 
 
 class GDNBackendKernel(_kernel_base()):
-    """SGLang's linear-attention kernel interface, served by gdn_backend's pooled op."""
+    """SGLang's linear-attention kernel interface, served by gdn_backend's pooled op.
+
+    ragged_verify: SGLang's verify rows may differ in length (SGLANG_RAGGED_VERIFY_MODE other
+    than static), so chain verify runs on `query_start_loc`, in CUDA graphs too.
+    """
 
     supports_packed_decode = True
     # Verify reads q/k/v as strided views of the conv output, like decode.
     supports_strided_target_verify_qkv = True
+
+    def __init__(self, ragged_verify: bool = False):
+        self.ragged_verify = ragged_verify
 
     def packed_decode(self, mixed_qkv, a, b, *, A_log, dt_bias, scale, ssm_states,
                       cache_indices, num_v_heads, head_v_dim, **kwargs):
@@ -85,27 +92,32 @@ class GDNBackendKernel(_kernel_base()):
     def target_verify(self, A_log, dt_bias, q, k, v, a, b, *, ssm_states, cache_indices,
                       query_start_loc, intermediate_states_buffer, intermediate_state_indices,
                       cache_steps, retrieve_parent_token=None, **kwargs):
-        """Chain verify of T = cache_steps draft tokens per request, q/k/v [1, B*T, ...].
+        """Chain verify of up to T = cache_steps draft tokens per request, q/k/v [1, N, ...].
 
         Writes the state after every token to intermediate_states_buffer[row, t]
         ([rows, D_max, HV, V, K], row intermediate_state_indices[n]) and leaves the
-        pool alone: SGLang copies the accepted step back itself.
+        pool alone: SGLang copies the accepted step back itself. Rows of T tokens each
+        (static verify) or as `query_start_loc` gives them (ragged verify).
         """
         _refuse_unserved(kwargs)
         if retrieve_parent_token is not None:
             raise NotImplementedError(
                 "gdn_backend serves chain verify only; SGLang routes tree verify to its own kernel")
         B, T = cache_indices.shape[0], cache_steps
+        states = dict(intermediate_states=intermediate_states_buffer[:, :T],
+                      intermediate_indices=intermediate_state_indices[:B], update_state=False)
+        if self.ragged_verify:
+            return gated_delta_rule_decode(
+                q, k, v, a.unsqueeze(0), b.unsqueeze(0), A_log, dt_bias, ssm_states,
+                cache_indices, cu_seqlens=query_start_loc[:B + 1], **states)
         if q.shape[1] != B * T:
             raise ValueError(
                 f"chain verify got {q.shape[1]} tokens for {B} requests of {T} draft tokens; "
-                f"gdn_backend serves rows of equal length only ({RAGGED_VERIFY_ENV}=static)")
+                f"with {RAGGED_VERIFY_ENV}=static every request has {T}")
         per_request = lambda x: x[0].unflatten(0, (B, T))  # noqa: E731  [B, T, heads, dim] views
         out = gated_delta_rule_decode(
             per_request(q), per_request(k), per_request(v), a.unflatten(0, (B, T)),
-            b.unflatten(0, (B, T)), A_log, dt_bias, ssm_states, cache_indices,
-            intermediate_states=intermediate_states_buffer[:, :T],
-            intermediate_indices=intermediate_state_indices[:B], update_state=False)
+            b.unflatten(0, (B, T)), A_log, dt_bias, ssm_states, cache_indices, **states)
         return out.flatten(0, 1).unsqueeze(0)
 
     def extend(self, q, k, v, g, beta, *, ssm_states, cache_indices, query_start_loc, **kwargs):
@@ -127,16 +139,11 @@ def selected() -> bool:
     return (decode or mamba.linear_attn_backend) == BACKEND_NAME
 
 
-def check_verify_mode() -> None:
-    """Fail at start-up where SGLang would hand chain verify rows of different lengths."""
+def ragged_verify() -> bool:
+    """Whether SGLang hands chain verify rows of different lengths (its ragged verify)."""
     from sglang.srt.speculative.ragged_verify import RaggedVerifyMode, read_ragged_verify_mode
 
-    mode = read_ragged_verify_mode()
-    if mode != RaggedVerifyMode.STATIC:
-        raise RuntimeError(
-            f"gdn_backend's chain verify serves rows of equal length; {RAGGED_VERIFY_ENV}="
-            f"{mode.value} gives ragged rows: unset it (or set it to static), name another "
-            f"kernel with --linear-attn-verify-backend, or drop {FLAG}")
+    return read_ragged_verify_mode() != RaggedVerifyMode.STATIC
 
 
 def check_device() -> None:
@@ -182,11 +189,9 @@ def _dispatcher_init(original, self, decode_backend, prefill_backend, verify_bac
     serve_verify = mamba.linear_attn_verify_backend is None  # no explicit choice
     check_device()
     check_model()
-    if serve_verify:
-        check_verify_mode()
     # SGLang maps names it does not know to CUSTOM; let it build everything else as usual.
     original(self, LinearAttnKernelBackend.TRITON, prefill_backend, verify_backend)
-    kernel = GDNBackendKernel()
+    kernel = GDNBackendKernel(ragged_verify=ragged_verify())
     self.decode_kernel = kernel
     self.supports_packed_decode = True
     if serve_verify:

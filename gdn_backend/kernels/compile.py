@@ -44,6 +44,8 @@ class KernelConfig:
     state_vectorized: bool = True         # pool (and intermediate) allow 16-byte accesses
     use_pdl: bool = True
     tensor_cores: bool = False            # decode_mma.py (bf16 pools, T <= 4) rather than decode.py
+    per_token_slots: bool = False         # state_indices [B, T] with num_accepted_tokens [B]
+    ragged: bool = False                  # cu_seqlens [B + 1] over [1, N, ...] token inputs
 
 
 def qk_chunk(head_k_dim: int) -> int:
@@ -83,14 +85,16 @@ def fake_arguments(cfg: KernelConfig) -> tuple:
         return cute.sym_int64(divisibility=qkv_div)
 
     B = cute.sym_int()
-    q = fake(qkv, (B, T, H, K), stride=(stride(), stride(), stride(), 1), assumed_align=qkv_align)
-    k = fake(qkv, (B, T, H, K), stride=(stride(), stride(), stride(), 1), assumed_align=qkv_align)
-    v = fake(qkv, (B, T, HV, V), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1),
+    # Ragged rows: inputs are [1, N, ...], every request's tokens one after another.
+    lead = (cute.sym_int(), cute.sym_int()) if cfg.ragged else (B, T)
+    q = fake(qkv, (*lead, H, K), stride=(stride(), stride(), stride(), 1), assumed_align=qkv_align)
+    k = fake(qkv, (*lead, H, K), stride=(stride(), stride(), stride(), 1), assumed_align=qkv_align)
+    v = fake(qkv, (*lead, HV, V), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1),
              assumed_align=cfg.qkv_dtype.itemsize)
     gate = _cute_dtype(cfg.gate_dtype)
-    a = fake(gate, (B, T, HV), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64()),
+    a = fake(gate, (*lead, HV), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64()),
              assumed_align=cfg.gate_dtype.itemsize)
-    b = fake(gate, (B, T, HV), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64()),
+    b = fake(gate, (*lead, HV), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64()),
              assumed_align=cfg.gate_dtype.itemsize)
     A_log = fake(_cute_dtype(cfg.A_log_dtype), (HV,), stride=(1,),
                  assumed_align=cfg.A_log_dtype.itemsize)
@@ -99,11 +103,14 @@ def fake_arguments(cfg: KernelConfig) -> tuple:
     pool = fake(state, (cute.sym_int(), HV, V, K),
                 stride=(cute.sym_int64(divisibility=st_div), V * K, K, 1), assumed_align=st_align)
     index = _cute_dtype(cfg.index_dtype)
-    idx = fake(index, (B,), stride=(1,), assumed_align=cfg.index_dtype.itemsize)
-    out = fake(qkv, (B, T, HV, V), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1),
+    if cfg.per_token_slots:
+        idx = fake(index, (B, T), stride=(cute.sym_int64(), 1), assumed_align=cfg.index_dtype.itemsize)
+    else:
+        idx = fake(index, (B,), stride=(1,), assumed_align=cfg.index_dtype.itemsize)
+    out = fake(qkv, (*lead, HV, V), stride=(cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1),
                assumed_align=cfg.qkv_dtype.itemsize)
     flag = fake(cutlass.Int32, (1,), stride=(1,), assumed_align=4)
-    inter = inter_idx = None
+    inter = inter_idx = accepted = cu_seqlens = None
     if cfg.intermediate is not None:
         inter = fake(state, (cute.sym_int(), T, HV, V, K),
                      stride=(cute.sym_int64(divisibility=st_div), cute.sym_int64(divisibility=st_div),
@@ -111,9 +118,13 @@ def fake_arguments(cfg: KernelConfig) -> tuple:
     if cfg.intermediate == "indexed":
         inter_idx = fake(_cute_dtype(cfg.inter_index_dtype), (B,), stride=(1,),
                          assumed_align=cfg.inter_index_dtype.itemsize)
+    if cfg.per_token_slots:
+        accepted = fake(cutlass.Int32, (B,), stride=(1,), assumed_align=4)
+    if cfg.ragged:
+        cu_seqlens = fake(cutlass.Int32, (cute.sym_int(),), stride=(1,), assumed_align=4)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-    return (q, k, v, a, b, A_log, dt_bias, pool, idx, out, flag, inter, inter_idx,
-            cutlass.Float32(1.0), cutlass.Int32(0), stream)
+    return (q, k, v, a, b, A_log, dt_bias, pool, idx, out, flag, inter, inter_idx, accepted,
+            cu_seqlens, cutlass.Float32(1.0), cutlass.Int32(0), stream)
 
 
 def build(cfg: KernelConfig):
@@ -128,6 +139,7 @@ def build(cfg: KernelConfig):
         head_v_dim=cfg.head_v_dim, tokens=cfg.tokens, state_bytes=cfg.state_dtype.itemsize,
         rows_per_cta=cfg.rows_per_cta, intermediate=cfg.intermediate,
         update_state=cfg.update_state, use_pdl=cfg.use_pdl, prefetch_state=cfg.state_vectorized,
+        per_token_slots=cfg.per_token_slots, ragged=cfg.ragged,
     )
     kind = GatedDeltaRuleDecodeMMA if cfg.tensor_cores else GatedDeltaRuleDecode
     kernel = kind(rows_per_thread=cfg.rows_per_thread, **options)

@@ -61,6 +61,9 @@ class GatedDeltaRuleDecode:
 
     intermediate: None, "rows" (request n writes row n of the intermediate
     states) or "indexed" (it writes row intermediate_indices[n]).
+    per_token_slots: indices [B, T]; request n reads slot [n, num_accepted[n] - 1] and
+    writes the state after token t to slot [n, t].
+    ragged: inputs [1, N, ...]; request n has tokens cu_seqlens[n] .. cu_seqlens[n + 1] - 1.
 
     A subclass keeps the prologue (PDL, prefetches, index checks, padding rows), the state
     and v loads and the input staging, and replaces what a CTA does with them through the
@@ -84,6 +87,8 @@ class GatedDeltaRuleDecode:
         update_state: bool = True,
         use_pdl: bool = True,
         prefetch_state: bool = True,
+        per_token_slots: bool = False,
+        ragged: bool = False,
     ):
         self.H, self.HV, self.K, self.V, self.T = (
             num_heads, num_v_heads, head_k_dim, head_v_dim, tokens)
@@ -99,7 +104,11 @@ class GatedDeltaRuleDecode:
         self.threads = self.groups * self.lanes_per_row
         assert intermediate in (None, "rows", "indexed")
         self.intermediate = intermediate
-        self.update_state = update_state
+        # Per-token slots write every token's state to its own slot, and nothing at the end.
+        assert not (per_token_slots and intermediate)
+        self.per_token_slots = per_token_slots
+        self.update_state = update_state and not per_token_slots
+        self.ragged = ragged
         self.use_pdl = use_pdl
         # The L2 prefetch of the state tile is a bulk copy: it needs a 16-byte aligned pool.
         self.prefetch_state = prefetch_state
@@ -123,6 +132,8 @@ class GatedDeltaRuleDecode:
         mFlag: cute.Tensor,       # [1] int32
         mInter: cute.Tensor,      # [N, T, HV, V, K], or None
         mInterIdx: cute.Tensor,   # [B], or None
+        mAccepted: cute.Tensor,   # [B] int32 (per-token slots), or None
+        mCuSeqlens: cute.Tensor,  # [B + 1] int32 (ragged rows), or None
         scale: Float32,
         min_valid_slot: Int32,
         stream,
@@ -130,7 +141,7 @@ class GatedDeltaRuleDecode:
         grid = [mIdx.shape[0] * self.HV * self.tiles, 1, 1]
         self.kernel(
             mQ, mK, mV, mA, mB, mALog, mDtBias, mPool, mIdx, mOut, mFlag, mInter, mInterIdx,
-            scale, min_valid_slot,
+            mAccepted, mCuSeqlens, scale, min_valid_slot,
         ).launch(grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes(), stream=stream,
                  use_pdl=self.use_pdl)
 
@@ -192,7 +203,7 @@ class GatedDeltaRuleDecode:
     @cute.jit
     def stage_inputs(self, mQ: cute.Tensor, mK: cute.Tensor, mA: cute.Tensor, mB: cute.Tensor,
                      mALog: cute.Tensor, mDtBias: cute.Tensor, units, sGate: cute.Tensor,
-                     n, h, hv, warp: Int32, warp_lane: Int32, scale: Float32):
+                     req, h, hv, warp: Int32, warp_lane: Int32, scale: Float32):
         """Every token's k̂ and q̂ (one warp per token), and its gates (the last warp)."""
         T = self.T
         warps = self.threads // 32
@@ -203,13 +214,14 @@ class GatedDeltaRuleDecode:
                     # Lane t reads token t's gate inputs (lanes past T repeat T - 1), first:
                     # this warp may also own tokens, and these loads must not wait behind
                     # their normalisation.
-                    t_gate = cutlass.min(warp_lane, T - 1)
-                    a_raw, b_raw = mA[n, t_gate, hv], mB[n, t_gate, hv]
+                    row, tok = self.token(req, cutlass.min(warp_lane, T - 1))
+                    a_raw, b_raw = mA[row, tok, hv], mB[row, tok, hv]
                     a_log, dt_bias = mALog[hv], mDtBias[hv]
                 tokens = list(range(w, T, warps))
                 # All of this warp's loads first, so their latencies overlap.
-                frags = [(self.load_lane_chunk(mK[n, t, h, None], warp_lane),
-                          self.load_lane_chunk(mQ[n, t, h, None], warp_lane)) for t in tokens]
+                frags = [(self.load_lane_chunk(mK[(*self.token(req, t), h, None)], warp_lane),
+                          self.load_lane_chunk(mQ[(*self.token(req, t), h, None)], warp_lane))
+                         for t in tokens]
                 for t, (k_frag, q_frag) in zip(tokens, frags):
                     self.stage_unit_vectors(units, sGate, t, self.unit_vector(k_frag, Float32(1.0)),
                                             self.unit_vector(q_frag, scale), warp_lane)
@@ -268,14 +280,23 @@ class GatedDeltaRuleDecode:
                             has_side_effects=True)
 
     @cute.jit
-    def prefetch_later_tile(self, mPool: cute.Tensor, mIdx: cute.Tensor, bid: Int32,
-                            min_valid_slot: Int32):
+    def prefetch_later_tile(self, mPool: cute.Tensor, mIdx: cute.Tensor, mAccepted: cute.Tensor,
+                            bid: Int32, min_valid_slot: Int32):
         """Prefetch into L2 the tile of the CTA `prefetch_ahead` places later in this grid."""
         later = bid + self.prefetch_ahead
         n = later // (self.tiles * self.HV)
         if n < mIdx.shape[0]:
-            self.prefetch_l2(mPool, Int64(mIdx[n]), (later // self.tiles) % self.HV,
-                             later % self.tiles, min_valid_slot)
+            self.prefetch_l2(mPool, self.read_slot(mIdx, mAccepted, n),
+                             (later // self.tiles) % self.HV, later % self.tiles, min_valid_slot)
+
+    @cute.jit
+    def read_slot(self, mIdx: cute.Tensor, mAccepted: cute.Tensor, n) -> Int64:
+        """The slot request n reads: idx[n], or per-token idx[n, num_accepted[n] - 1] (the
+        column clamped into the row; the caller rejects a num_accepted outside 1..T)."""
+        if const_expr(self.per_token_slots):
+            column = cutlass.max(cutlass.min(Int32(mAccepted[n]), Int32(self.T)), Int32(1)) - 1
+            return Int64(mIdx[n, column])
+        return Int64(mIdx[n])
 
     @cute.jit
     def load_rows(self, gS: cute.Tensor, lane: Int32, rows) -> cute.Tensor:
@@ -286,12 +307,13 @@ class GatedDeltaRuleDecode:
         return raw
 
     @cute.jit
-    def load_v(self, mV: cute.Tensor, n, hv, rows) -> cute.Tensor:
+    def load_v(self, mV: cute.Tensor, req, hv, rows) -> cute.Tensor:
         """v of this thread's rows, every token: (rows, T) in float32."""
         v_in = cute.make_rmem_tensor((len(rows), self.T), Float32)
         for t in cutlass.range_constexpr(self.T):
+            row, tok = self.token(req, t)
             for r in cutlass.range_constexpr(len(rows)):
-                v_in[r, t] = Float32(mV[n, t, hv, rows[r]])
+                v_in[r, t] = Float32(mV[row, tok, hv, rows[r]])
         return v_in
 
     @cute.jit
@@ -316,7 +338,7 @@ class GatedDeltaRuleDecode:
         mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mA: cute.Tensor, mB: cute.Tensor,
         mALog: cute.Tensor, mDtBias: cute.Tensor, mPool: cute.Tensor, mIdx: cute.Tensor,
         mOut: cute.Tensor, mFlag: cute.Tensor, mInter: cute.Tensor, mInterIdx: cute.Tensor,
-        scale: Float32, min_valid_slot: Int32,
+        mAccepted: cute.Tensor, mCuSeqlens: cute.Tensor, scale: Float32, min_valid_slot: Int32,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
@@ -324,17 +346,19 @@ class GatedDeltaRuleDecode:
         # read few, long runs of contiguous state rather than one tile of many slots.
         tile, hv, n = bid % self.tiles, (bid // self.tiles) % self.HV, bid // (self.tiles * self.HV)
         lane, rows = self.thread_rows(tidx, tile)
+        T = self.T
 
         smem = cutlass.utils.SmemAllocator()
         units = self.allocate_units(smem)
         # sGate[:, t] = token t's decay, beta and (for this class) k̂·q̂.
-        sGate = smem.allocate_tensor(Float32, cute.make_layout((3, self.T), stride=(self.T, 1)),
+        sGate = smem.allocate_tensor(Float32, cute.make_layout((3, T), stride=(T, 1)),
                                      byte_alignment=16)
 
         if const_expr(self.use_pdl):
             # While the previous kernel finishes: pull this CTA's state into L2, if no
-            # earlier CTA of this grid prefetches it.
-            if const_expr(self.prefetch_ahead > 0):
+            # earlier CTA of this grid prefetches it (per-token slots: the slot is two
+            # dependent reads away, too late to matter).
+            if const_expr(self.prefetch_ahead > 0 and not self.per_token_slots):
                 if bid < self.prefetch_ahead:
                     self.prefetch_tile(mPool, mIdx, n, hv, tile, tidx, min_valid_slot)
             # Everything below may read what the previous kernel wrote.
@@ -343,10 +367,10 @@ class GatedDeltaRuleDecode:
             # launches would chain ahead without bound, each holding SM slots while waiting.
             cute.arch.griddepcontrol_launch_dependents()
 
-        slot = Int64(mIdx[n])
+        slot = self.read_slot(mIdx, mAccepted, n)
         if const_expr(self.prefetch_ahead > 0):
             if tidx == 0:
-                self.prefetch_later_tile(mPool, mIdx, bid, min_valid_slot)
+                self.prefetch_later_tile(mPool, mIdx, mAccepted, bid, min_valid_slot)
         valid = slot >= Int64(min_valid_slot) and slot < Int64(mPool.shape[0])
         out_of_range = slot >= Int64(mPool.shape[0])
         inter_row = Int64(n)
@@ -354,6 +378,26 @@ class GatedDeltaRuleDecode:
             inter_row = Int64(mInterIdx[n])
             valid = valid and inter_row >= Int64(min_valid_slot) and inter_row < Int64(mInter.shape[0])
             out_of_range = out_of_range or inter_row >= Int64(mInter.shape[0])
+        if const_expr(self.per_token_slots):
+            accepted = Int32(mAccepted[n])
+            valid = valid and accepted >= 1 and accepted <= T
+            out_of_range = out_of_range or accepted < 1 or accepted > T
+        # What the CTA knows of its request: its row n of the batch, its intermediate row,
+        # and (ragged rows) where its tokens start and how many there are.
+        req = (n, inter_row, Int32(0), Int32(T))
+        # Ragged rows: a malformed row (past T tokens, or past the inputs) is an error and
+        # touches nothing, its output included; a row of no tokens does nothing.
+        well_formed = True
+        if const_expr(self.ragged):
+            start = Int32(mCuSeqlens[n])
+            length = Int32(mCuSeqlens[n + 1]) - start
+            malformed = (start < 0 or length < 0 or length > T
+                         or start + length > Int32(mQ.shape[1]))
+            well_formed = (start >= 0 and length >= 0 and length <= T
+                           and start + length <= Int32(mQ.shape[1]))
+            valid = valid and well_formed and length >= 1
+            out_of_range = out_of_range or malformed
+            req = (n, inter_row, start, length)
         if out_of_range and tidx == 0:
             mFlag[0] = Int32(1)
 
@@ -363,45 +407,83 @@ class GatedDeltaRuleDecode:
             raw = self.load_rows(gS, lane, rows)
             # 2. While they fly: this thread's rows' v (issued now, so their latency is not
             #    behind the staging), then every token's inputs in shared memory.
-            v_in = self.load_v(mV, n, hv, rows)
-            self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, n,
+            v_in = self.load_v(mV, req, hv, rows)
+            self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, req,
                               hv // (self.HV // self.H), hv, tidx // 32, tidx % 32, scale)
             cute.arch.barrier()
             # 3. The T tokens.
-            self.run_tokens(mOut, mInter, gS, raw, v_in, units, sGate, n, hv, inter_row, tidx,
-                            lane, rows)
+            self.run_tokens(mOut, mInter, mPool, mIdx, mFlag, gS, raw, v_in, units, sGate, req,
+                            hv, tidx, lane, rows, min_valid_slot)
         else:
-            if lane == 0:
-                for t in cutlass.range_constexpr(self.T):
-                    for row in rows:
-                        mOut[n, t, hv, row] = mOut.element_type(0.0)
+            if lane == 0 and well_formed:
+                for t in cutlass.range_constexpr(T):
+                    if self.has_token(req, t):
+                        row, tok = self.token(req, t)
+                        for r in rows:
+                            mOut[row, tok, hv, r] = mOut.element_type(0.0)
 
     @cute.jit
-    def run_tokens(self, mOut: cute.Tensor, mInter: cute.Tensor, gS: cute.Tensor,
-                   raw: cute.Tensor, v_in: cute.Tensor, sUnit: cute.Tensor, sGate: cute.Tensor,
-                   n, hv, inter_row, tidx: Int32, lane: Int32, rows):
-        """The T tokens on this thread's rows of the state gS ([V, K]), `raw` as loaded and
-        the inputs staged; write the outputs and the state. The state stays in float32
-        registers throughout."""
+    def has_token(self, req, t: int):
+        """Whether the request has a token t: always, but for a ragged row shorter than t + 1."""
+        if const_expr(self.ragged):
+            return Int32(t) < req[3]
+        return True
+
+    @cute.jit
+    def token(self, req, t):
+        """Where token t of the request is: (n, t) of [B, T, ...] inputs, or for ragged rows
+        (0, start + t) of [1, N, ...] ones. A ragged row's tokens past its length read its
+        last token, so that every read stays inside the row; they are never written."""
+        n, _, start, length = req
+        if const_expr(self.ragged):
+            return 0, start + cutlass.min(Int32(t), length - Int32(1))
+        return n, t
+
+    @cute.jit
+    def run_tokens(self, mOut: cute.Tensor, mInter: cute.Tensor, mPool: cute.Tensor,
+                   mIdx: cute.Tensor, mFlag: cute.Tensor, gS: cute.Tensor, raw: cute.Tensor,
+                   v_in: cute.Tensor, sUnit: cute.Tensor, sGate: cute.Tensor, req, hv,
+                   tidx: Int32, lane: Int32, rows, min_valid_slot: Int32):
+        """The request's tokens on this thread's rows of the state gS ([V, K]), `raw` as
+        loaded and the inputs staged; write the outputs and the states. The state stays in
+        float32 registers throughout."""
         R, T = self.rows_per_thread, self.T
         state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
         state.store(raw.load().to(Float32))
         for t in cutlass.range_constexpr(T):
-            k_hat = self.lane_columns(sUnit[None, 0, t], lane).load()
-            q_hat = self.lane_columns(sUnit[None, 1, t], lane).load()
-            decay, beta = sGate[DECAY, t], sGate[BETA, t]
-            for r in cutlass.range_constexpr(R):
-                s = state[None, None, r].load()
-                sk = self.row_sum((s * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-                sq = self.row_sum((s * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
-                u = beta * (v_in[r, t] - decay * sk)
-                state[None, None, r].store(s * decay + k_hat * u)
-                # All 8 lanes of the row hold o and store it to one address, one store
-                # winning: a lane-0 branch here split the token loop into blocks per row,
-                # which cost registers and ~10% at T = 4.
-                mOut[n, t, hv, rows[r]] = (decay * sq + u * sGate[KQ, t]).to(mOut.element_type)
-            if const_expr(self.intermediate is not None):
-                self.store_rows(state, mInter[inter_row, t, hv, None, None], lane, rows)
+            if self.has_token(req, t):  # uniform over the CTA
+                k_hat = self.lane_columns(sUnit[None, 0, t], lane).load()
+                q_hat = self.lane_columns(sUnit[None, 1, t], lane).load()
+                decay, beta = sGate[DECAY, t], sGate[BETA, t]
+                row, tok = self.token(req, t)
+                for r in cutlass.range_constexpr(R):
+                    s = state[None, None, r].load()
+                    sk = self.row_sum((s * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+                    sq = self.row_sum((s * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+                    u = beta * (v_in[r, t] - decay * sk)
+                    state[None, None, r].store(s * decay + k_hat * u)
+                    # All 8 lanes of the row hold o and store it to one address, one store
+                    # winning: a lane-0 branch here split the token loop into blocks per row,
+                    # which cost registers and ~10% at T = 4.
+                    mOut[row, tok, hv, rows[r]] = (decay * sq + u * sGate[KQ, t]).to(
+                        mOut.element_type)
+                if const_expr(self.intermediate is not None):
+                    self.store_rows(state, mInter[req[1], t, hv, None, None], lane, rows)
+                if const_expr(self.per_token_slots):
+                    self.store_token_slot(state, mPool, mIdx, mFlag, req[0], t, hv, tidx, lane,
+                                          rows, min_valid_slot)
 
         if const_expr(self.update_state):
             self.store_rows(state, gS, lane, rows)
+
+    @cute.jit
+    def store_token_slot(self, state: cute.Tensor, mPool: cute.Tensor, mIdx: cute.Tensor,
+                         mFlag: cute.Tensor, n, t: int, hv, tidx: Int32, lane: Int32, rows,
+                         min_valid_slot: Int32):
+        """Per-token slots: the state after token t to slot idx[n, t], unless that is padding
+        (skipped) or out of range (skipped, the error flag set)."""
+        slot = Int64(mIdx[n, t])
+        if slot >= Int64(min_valid_slot) and slot < Int64(mPool.shape[0]):
+            self.store_rows(state, mPool[slot, hv, None, None], lane, rows)
+        if slot >= Int64(mPool.shape[0]) and tidx == 0:
+            mFlag[0] = Int32(1)

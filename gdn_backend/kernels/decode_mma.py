@@ -85,7 +85,9 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
     def __init__(self, *, rows_per_cta: int, rows_per_thread: int, **options):
         super().__init__(rows_per_cta=rows_per_cta, rows_per_thread=rows_per_thread, **options)
         assert self.vec == 8, "the tensor-core decode serves bf16 pools"
+        # One slot a request, rows of equal length, no intermediate states (heuristics.serves).
         assert 1 <= self.T <= MAX_TOKENS and self.intermediate is None
+        assert not (self.per_token_slots or self.ragged)
         # A lane stages one 4-column group of each vector (K/32 = 4), as 16 bytes.
         assert rows_per_thread % 2 == 0 and self.K == 128
         self.warp_rows = MMA_ROWS * rows_per_thread // 2
@@ -142,9 +144,10 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
                         x[e], bf16_residual(x[e]))
 
     @cute.jit
-    def run_tokens(self, mOut: cute.Tensor, mInter: cute.Tensor, gS: cute.Tensor,
-                   raw: cute.Tensor, v_in: cute.Tensor, units, sGate: cute.Tensor,
-                   n, hv, inter_row, tidx: Int32, lane: Int32, rows):
+    def run_tokens(self, mOut: cute.Tensor, mInter: cute.Tensor, mPool: cute.Tensor,
+                   mIdx: cute.Tensor, mFlag: cute.Tensor, gS: cute.Tensor, raw: cute.Tensor,
+                   v_in: cute.Tensor, units, sGate: cute.Tensor, req, hv, tidx: Int32,
+                   lane: Int32, rows, min_valid_slot: Int32):
         sVec, sKhat, sDots = units
         T, R = self.T, self.rows_per_thread
         warp, g = tidx // 32, tidx % 32 // 4
@@ -212,7 +215,7 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
                 mine[r] = Float32(cutlass.select_(lane == t, w[t] * u, mine[r]))
         if lane < T:
             for r in cutlass.range_constexpr(R):
-                mOut[n, lane, hv, rows[r]] = o_mine[r].to(mOut.element_type)
+                mOut[req[0], lane, hv, rows[r]] = o_mine[r].to(mOut.element_type)
 
         if const_expr(self.update_state):
             # Step 4. A: (high, high) and (low, low) of w_c u_c for rows g + 16m, g + 16m + 8.

@@ -52,31 +52,36 @@ MMA_WIDE = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)  # 128 th
 TILES = (WIDE, LARGE, TINY, MMA, MMA_WIDE)
 
 
-def serves(tile: Tile, tokens: int, state_bytes: int, intermediate: bool = False) -> bool:
+def serves(tile: Tile, tokens: int, state_bytes: int, intermediate: bool = False,
+           per_token_slots: bool = False, ragged: bool = False) -> bool:
     """Whether `tile`'s kernel can run this call: the tensor-core one takes bf16 pools, T <= 4,
-    and writes no intermediate states."""
+    writes no intermediate states, and takes one slot a request and rows of equal length."""
     return not tile.tensor_cores or (state_bytes == 2 and tokens in MMA_TOKENS
-                                     and not intermediate)
+                                     and not (intermediate or per_token_slots or ragged))
 
 
 def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,
-                intermediate: bool = False) -> Tile:
+                intermediate: bool = False, per_token_slots: bool = False,
+                ragged: bool = False) -> Tile:
     """The tile for `batch` requests of `num_v_heads` heads of `head_v_dim` rows, `tokens`
     tokens each, on a pool of `state_bytes`-byte elements; `intermediate`: every token's
-    state is written too."""
+    state is written too; `per_token_slots`, `ragged`: the op's modes of those names."""
     heads = batch * num_v_heads
     fp32 = state_bytes == 4
     if heads * (head_v_dim // LARGE.rows_per_cta) < NUM_SMS:
         return TINY
     if tokens == 1:
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
-    if tokens in (3, 4) and serves(MMA, tokens, state_bytes, intermediate):
+    if tokens in (3, 4) and serves(MMA, tokens, state_bytes, intermediate, per_token_slots,
+                                   ragged):
         return MMA_WIDE if heads * (head_v_dim // MMA_WIDE.rows_per_cta) >= 2 * NUM_SMS else MMA
     return LARGE
 
 
 def tiles_for(num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,
-              intermediate: bool = False) -> tuple[Tile, ...]:
+              intermediate: bool = False, per_token_slots: bool = False,
+              ragged: bool = False) -> tuple[Tile, ...]:
     """Every tile `choose_tile` can return for some batch size: what warm-up compiles."""
     return tuple(dict.fromkeys(choose_tile(b, num_v_heads, head_v_dim, tokens, state_bytes,
-                                           intermediate) for b in range(1, 4097)))
+                                           intermediate, per_token_slots, ragged)
+                               for b in range(1, 4097)))

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from ..validation import Problem
+from ..validation import Call, Problem
 from . import compile as _compile
 from .heuristics import choose_tile, tiles_for
 
@@ -40,43 +40,43 @@ def _aligned(t: torch.Tensor, elements: int, strides) -> bool:
     return t.data_ptr() % (elements * t.element_size()) == 0 and all(s % elements == 0 for s in strides)
 
 
-def config_for(problem: Problem, q, k, a, A_log, dt_bias, state_pool, state_indices,
-               intermediate_states, intermediate_indices, update_state) -> _compile.KernelConfig:
-    vec = 16 // state_pool.element_size()
+def config_for(call: Call) -> _compile.KernelConfig:
+    problem, pool = call.problem, call.state_pool
+    inter, inter_idx = call.intermediate_states, call.intermediate_indices
+    vec = 16 // pool.element_size()
     tile = choose_tile(problem.batch, problem.num_v_heads, problem.head_v_dim, problem.tokens,
-                       state_pool.element_size(), intermediate=intermediate_states is not None)
-    state_ok = _aligned(state_pool, vec, state_pool.stride()[:1])
+                       pool.element_size(), intermediate=inter is not None,
+                       per_token_slots=call.per_token_slots, ragged=call.ragged)
+    state_ok = _aligned(pool, vec, pool.stride()[:1])
     mode = None
-    if intermediate_states is not None:
-        state_ok = state_ok and _aligned(intermediate_states, vec, intermediate_states.stride()[:2])
-        mode = "rows" if intermediate_indices is None else "indexed"
+    if inter is not None:
+        state_ok = state_ok and _aligned(inter, vec, inter.stride()[:2])
+        mode = "rows" if inter_idx is None else "indexed"
     return _compile.KernelConfig(
         num_heads=problem.num_heads, num_v_heads=problem.num_v_heads,
         head_k_dim=problem.head_k_dim, head_v_dim=problem.head_v_dim, tokens=problem.tokens,
-        qkv_dtype=q.dtype, gate_dtype=a.dtype, A_log_dtype=A_log.dtype,
-        dt_bias_dtype=dt_bias.dtype,
-        state_dtype=state_pool.dtype, index_dtype=state_indices.dtype,
+        qkv_dtype=call.q.dtype, gate_dtype=call.a.dtype, A_log_dtype=call.A_log.dtype,
+        dt_bias_dtype=call.dt_bias.dtype,
+        state_dtype=pool.dtype, index_dtype=call.state_indices.dtype,
         rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
         tensor_cores=tile.tensor_cores, intermediate=mode,
-        inter_index_dtype=None if intermediate_indices is None else intermediate_indices.dtype,
-        update_state=update_state,
+        inter_index_dtype=None if inter_idx is None else inter_idx.dtype,
+        update_state=call.update_state,
+        per_token_slots=call.per_token_slots, ragged=call.ragged,
         qkv_vectorized=all(_aligned(t, _compile.qk_chunk(problem.head_k_dim), t.stride()[:3])
-                           for t in (q, k)),
+                           for t in (call.q, call.k)),
         state_vectorized=state_ok,
         use_pdl=_compile.USE_PDL,
     )
 
 
-def gated_delta_rule_decode(
-    problem: Problem, q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, error_flag,
-    *, scale, min_valid_slot, intermediate_states, intermediate_indices, update_state,
-) -> None:
-    check_supported(problem, state_pool.device)
-    cfg = config_for(problem, q, k, a, A_log, dt_bias, state_pool, state_indices,
-                     intermediate_states, intermediate_indices, update_state)
-    kernel = _compile.CACHE.get(cfg)
-    kernel(q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, error_flag,
-           intermediate_states, intermediate_indices, scale, min_valid_slot)
+def gated_delta_rule_decode(call: Call, error_flag: torch.Tensor) -> None:
+    check_supported(call.problem, call.state_pool.device)
+    kernel = _compile.CACHE.get(config_for(call))
+    kernel(call.q, call.k, call.v, call.a, call.b, call.A_log, call.dt_bias, call.state_pool,
+           call.state_indices, call.out, error_flag, call.intermediate_states,
+           call.intermediate_indices, call.num_accepted_tokens, call.cu_seqlens, call.scale,
+           call.min_valid_slot)
 
 
 def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
@@ -84,7 +84,8 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
     return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread,
                     tensor_cores=t.tensor_cores)
             for t in tiles_for(base.num_v_heads, base.head_v_dim, base.tokens,
-                               base.state_dtype.itemsize, base.intermediate is not None)]
+                               base.state_dtype.itemsize, base.intermediate is not None,
+                               per_token_slots=base.per_token_slots, ragged=base.ragged)]
 
 
 def compile_ahead(base: _compile.KernelConfig) -> None:
