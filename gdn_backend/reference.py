@@ -82,9 +82,10 @@ def decode_reference(call: Call, error_flag: torch.Tensor | None = None) -> None
     P, low = pool.shape[0], call.min_valid_slot
     lengths, rows_ok, per_request = _request_tokens(call)
 
+    accepted_ok = torch.ones_like(rows_ok)
     if call.per_token_slots:
         accepted = call.num_accepted_tokens.long()
-        rows_ok = rows_ok & (accepted >= 1) & (accepted <= T)
+        accepted_ok = (accepted >= 1) & (accepted <= T)
         column = (accepted - 1).clamp(0, T - 1)[:, None]
         read_slots = call.state_indices.long().gather(1, column)[:, 0]
     else:
@@ -98,8 +99,8 @@ def decode_reference(call: Call, error_flag: torch.Tensor | None = None) -> None
         # A request runs only when both of its destinations are real.
         valid &= inter_valid
         out_of_range |= inter_oob
-    out_of_range |= ~rows_ok
-    valid &= rows_ok & (lengths >= 1)
+    out_of_range |= ~rows_ok | ~accepted_ok
+    valid &= rows_ok & accepted_ok & (lengths >= 1)
     if call.per_token_slots:
         written = (torch.arange(T, device=device)[None] < lengths[:, None]) & valid[:, None]
         out_of_range |= ((call.state_indices.long() >= P) & written).any(dim=1)
@@ -107,7 +108,9 @@ def decode_reference(call: Call, error_flag: torch.Tensor | None = None) -> None
         error_flag.copy_(torch.maximum(error_flag, out_of_range.any().to(error_flag.dtype)))
 
     out = call.out
-    if call.ragged:  # the tokens of well-formed rows; tokens of no row are left alone
+    # Zero the output of every row whose tokens are known (a ragged row past T or past the
+    # inputs is not), then write the rows that run. Tokens of no row are left alone.
+    if call.ragged:
         cu = call.cu_seqlens.long()
         for n in rows_ok.nonzero().squeeze(1).tolist():
             out[0, cu[n]:cu[n + 1]] = 0

@@ -61,7 +61,7 @@ BATCHES = {TP8: (3, 40), TP1: (2, 9)}
 @pytest.mark.parametrize("T", [2, 4])
 def test_per_token_slots_match_the_reference(heads, state_dtype, T):
     for i, B in enumerate(BATCHES[heads]):
-        problem = make_problem(B, T, *heads, num_slots=B * T + 8, num_padding=1,
+        problem = make_problem(B, T, *heads, num_slots=B * (T + 1) + 8, num_padding=1,
                                state_dtype=state_dtype, device="cuda", seed=300 + i)
         table, accepted = per_token_slots(problem, seed=i, padded_writes=2)
         assert not assert_kernel_matches_reference(
@@ -101,7 +101,7 @@ def test_ragged_per_token_slots_match_the_reference_as_vllm_calls_them(state_dty
     """vLLM's MTP verify: a block-table slice of slots (row stride free), int64, slot 0 its
     null block, rows of varying length."""
     B, T = 10, 4
-    problem = make_problem(B, T, *TP1, num_slots=B * T + 9, num_padding=2, min_valid_slot=1,
+    problem = make_problem(B, T, *TP1, num_slots=B * (T + 1) + 9, num_padding=2, min_valid_slot=1,
                            index_dtype=torch.int64, state_dtype=state_dtype, device="cuda",
                            seed=330)
     problem.state_indices[problem.state_indices < 0] = 0
@@ -135,10 +135,10 @@ def test_per_token_ragged_decode_in_a_cuda_graph():
     eager, no host sync, nothing compiled after warm-up."""
     B, T = 8, 4
     gdn_backend.warmup(device="cuda", num_heads=2, num_v_heads=4, tokens=(T,),
-                       per_token_slots=True, ragged=True)
+                       dt_bias_dtype=torch.float32, per_token_slots=True, ragged=True)
     compiled = CACHE.compilations
-    problem = make_problem(B, T, *TP8, num_slots=B * T + 8, num_padding=1, device="cuda",
-                           seed=350)
+    problem = make_problem(B, T, *TP8, num_slots=B * (T + 1) + 8, num_padding=1,
+                           device="cuda", seed=350)
     table, accepted = per_token_slots(problem, seed=5)
     rows = ragged_rows(problem, [T] * B)
     static = call_args(problem, state_indices=table, **rows)
@@ -147,7 +147,7 @@ def test_per_token_ragged_decode_in_a_cuda_graph():
     with torch.cuda.graph(graph):
         gdn_backend.gated_delta_rule_decode(**static, out=out, num_accepted_tokens=accepted)
     for step in range(3):
-        fresh = make_problem(B, T, *TP8, num_slots=B * T + 8, num_padding=step % 2,
+        fresh = make_problem(B, T, *TP8, num_slots=B * (T + 1) + 8, num_padding=step % 2,
                              device="cuda", seed=360 + step)
         new_table, new_accepted = per_token_slots(fresh, seed=step)
         new_rows = ragged_rows(fresh, [(n + step) % T + 1 for n in range(B)])
