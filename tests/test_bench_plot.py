@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gdn_backend import bench
+from gdn_backend.bench import runner
 
 
 def test_plot_from_json_draws_every_panel(tmp_path):
@@ -13,6 +13,6 @@ def test_plot_from_json_draws_every_panel(tmp_path):
             for s in ("TP1", "TP8") for p in ("fp32", "bf16") for t in (1, 4) for b in (1, 4, 16)]
     results = tmp_path / "r.json"
     results.write_text(json.dumps({"device": "test", "copy_ceiling_tbps": 3.0, "rows": rows}))
-    bench.main(["--plot-from", str(results)])
+    runner.main(["--plot-from", str(results)])
     png = tmp_path / "r.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gdn_backend import bench_sglang
+from gdn_backend.bench import sglang as bench_sglang
 
 
 def test_exported_kernels_import_from_the_export_alone(tmp_path):
@@ -18,7 +18,7 @@ def test_exported_kernels_import_from_the_export_alone(tmp_path):
         f"import {bench_sglang.PACKED} as p, {bench_sglang.UNPACKED} as u\n"
         "assert callable(p.fused_recurrent_gated_delta_rule_packed_decode)\n"
         "assert callable(u.fused_sigmoid_gating_delta_rule_update)\n"
-        "from gdn_backend import bench_sglang\n"
+        "from gdn_backend.bench import sglang as bench_sglang\n"
         "assert bench_sglang.available()\n"
         f"assert bench_sglang.version() == {bench_sglang.version()!r}\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.getcwd()]))

@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from gdn_backend import bench
+from gdn_backend.bench import runner, tiles
 from gdn_backend.kernels import launch
 from gdn_backend.kernels.heuristics import Tile, choose_tile
 from gdn_backend.testing import make_problem
@@ -13,14 +13,14 @@ from gdn_backend.validation import validate
 
 
 def test_a_tile_is_rows_per_cta_by_rows_per_thread():
-    assert bench.parse_tile("32x4") == Tile(rows_per_cta=32, rows_per_thread=4)
-    assert bench.parse_tile("8x1") == Tile(rows_per_cta=8, rows_per_thread=1)
-    assert bench.tile_name(Tile(rows_per_cta=64, rows_per_thread=2)) == "64x2"
+    assert tiles.parse_tile("32x4") == Tile(rows_per_cta=32, rows_per_thread=4)
+    assert tiles.parse_tile("8x1") == Tile(rows_per_cta=8, rows_per_thread=1)
+    assert tiles.tile_name(Tile(rows_per_cta=64, rows_per_thread=2)) == "64x2"
 
 
 def test_a_tensor_core_tile_ends_in_tc():
-    assert bench.parse_tile("64x2tc") == Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)
-    assert bench.tile_name(Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)) == "32x2tc"
+    assert tiles.parse_tile("64x2tc") == Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)
+    assert tiles.tile_name(Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)) == "32x2tc"
     assert Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True).threads == 128
 
 
@@ -28,12 +28,12 @@ def test_a_tensor_core_tile_ends_in_tc():
                                   "8x2tc", "32x3tc", "16x4tc", "32x2t"])
 def test_a_tile_the_kernel_cannot_build_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="tile"):
-        bench.parse_tile(text)
+        tiles.parse_tile(text)
 
 
 def test_the_command_line_refuses_a_bad_tile_before_touching_a_gpu(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--tiles", "32x3"])
+        runner.main(["--tiles", "32x3"])
     assert "rows per thread must divide" in capsys.readouterr().err
 
 
@@ -47,7 +47,7 @@ def test_a_forced_tile_reaches_the_kernel_configuration_and_is_undone_after():
     dispatch = choose_tile(64, 32, 128, 1, p.state_pool.element_size())
     forced = Tile(rows_per_cta=64, rows_per_thread=4)
     assert forced != dispatch
-    with bench.forced_tile(forced):
+    with tiles.forced_tile(forced):
         cfg = _config(p)
     assert (cfg.rows_per_cta, cfg.rows_per_thread) == (64, 4)
     cfg = _config(p)
@@ -57,4 +57,4 @@ def test_a_forced_tile_reaches_the_kernel_configuration_and_is_undone_after():
 def test_each_swept_tile_is_printed_as_its_time_over_the_copy():
     row = dict(shape="TP1", pool="bf16", T=4, B=64, ours_us=50.0, copy_us=40.0, ratio=1.25,
                tbps=2.0, pct_ceiling=50.0, tile_us={"32x4": 48.0, "32x2": 60.0})
-    assert bench.format_row(row).endswith("| 32x4  1.20x | 32x2  1.50x")
+    assert runner.format_row(row).endswith("| 32x4  1.20x | 32x2  1.50x")

@@ -5,7 +5,7 @@ import torch
 
 import gdn_backend
 from gdn_backend.kernels.compile import CACHE
-from gdn_backend.bench import forced_tile
+from gdn_backend.bench.tiles import forced_tile
 from gdn_backend.kernels.heuristics import Tile, choose_tile, tiles_for
 from gdn_backend.reference import gated_delta_rule_decode_reference
 from gdn_backend import split_packed_qkv

@@ -1,16 +1,19 @@
-"""SGLang's own GDN decode kernels as a benchmark peer: the kernels this project is to beat.
+"""SGLang's own GDN kernels as a benchmark peer: the kernels this project is to beat.
 
 SGLang does not install on a machine that only runs the benchmark (the GPU machine has no
-room for it), but its decode kernels are four Triton modules that need little of the rest
-of SGLang. `export` copies them out of an installed SGLang, beside small stand-ins for the
-few SGLang helpers they import, into a folder that imports as a package named `sglang`:
+room for it), but its decode and verify kernels are four Triton modules that need little of
+the rest of SGLang. `export` copies them out of an installed SGLang, beside small stand-ins
+for the few SGLang helpers they import, into a folder that imports as a package named
+`sglang`:
 
-    python -m gdn_backend.bench_sglang DIR          # where SGLang is installed
+    python -m gdn_backend.bench.sglang DIR          # where SGLang is installed
     PYTHONPATH=DIR:$PYTHONPATH python -m gdn_backend.bench
 
-The benchmark then times SGLang's decode on every cell, on the pool and slot indices in
-place: the packed decode (SGLang's default on CUDA) at T = 1, the unpacked one for T > 1,
-where the packed one does not apply. Nothing of SGLang is kept in this repository.
+The benchmark then times SGLang's kernels on every cell, on the pool and slot indices in
+place, called as SGLang calls them: decode with the packed kernel (SGLang's default on CUDA)
+at T = 1 and the unpacked one for T > 1, where the packed one does not apply; chain verify
+and ragged verify with the unpacked kernel on [1, N] tokens, `query_start_loc` and its
+intermediate-state buffer. Nothing of SGLang is kept in this repository.
 """
 
 from __future__ import annotations
@@ -94,11 +97,21 @@ def available() -> bool:
         return False
 
 
-def decode(cell):
-    """fn(i): SGLang's decode of cell's batch on slot set i, in place. Not the unpacked one
-    at T = 1: called that way it left states far from the packed one's and ours
+IN_PLACE = True
+
+
+def serves(cell) -> bool:
+    """Decode, chain verify, ragged verify."""
+    return cell.mode in ("decode", "verify", "ragged")
+
+
+def step(cell):
+    """fn(i): SGLang's kernel for the cell's mode on slot set i. Decode: not the unpacked
+    kernel at T = 1: called that way it left states far from the packed one's and ours
     (docs/perf_log.md, 2026-12-01), and SGLang does not use it so on CUDA by default."""
-    return packed_decode(cell) if cell.T == 1 else unpacked_decode(cell)
+    if cell.mode == "decode":
+        return packed_decode(cell) if cell.T == 1 else unpacked_decode(cell)
+    return target_verify(cell)
 
 
 def packed_decode(cell):
@@ -108,7 +121,7 @@ def packed_decode(cell):
 
     K = cell.q.shape[-1]
     # SGLang hands this kernel the conv output: q, k and v of a token side by side.
-    mixed = torch.cat([cell.q.flatten(2), cell.k.flatten(2), cell.v.flatten(2)], -1)[:, 0].contiguous()
+    mixed = cell.mixed[:, 0]
     out = torch.empty(cell.B, 1, cell.HV, cell.v.shape[-1], dtype=cell.out.dtype, device=cell.out.device)
     a, b = cell.a[:, 0], cell.b[:, 0]
 
@@ -133,6 +146,33 @@ def unpacked_decode(cell):
             softplus_threshold=20.0, q=cell.q, k=cell.k, v=cell.v, b=cell.b,
             initial_state_source=cell.pool, initial_state_indices=cell.indices[i], scale=K**-0.5,
             use_qk_l2norm_in_kernel=True)
+    return run
+
+
+def target_verify(cell):
+    """fn(i): SGLang's chain (or ragged) verify on slot set i, as its TritonGDNKernel calls
+    it: tokens [1, N], query_start_loc, every token's state to the intermediate buffer,
+    the pool left alone."""
+    from sglang.kernels.ops.attention.linear.fused_sigmoid_gating_recurrent import (
+        fused_sigmoid_gating_delta_rule_update)
+
+    K = cell.q.shape[-1]
+    tokens = lambda x: x if cell.cu_seqlens is not None else x.flatten(0, 1).unsqueeze(0)  # noqa: E731
+    q, k, v = tokens(cell.q), tokens(cell.k), tokens(cell.v)
+    a, b = tokens(cell.a)[0], tokens(cell.b)[0]
+    query_start_loc = cell.cu_seqlens
+    if query_start_loc is None:
+        query_start_loc = torch.arange(0, cell.B * cell.T + 1, cell.T, dtype=torch.int32,
+                                       device=cell.q.device)
+
+    def run(i: int) -> None:
+        fused_sigmoid_gating_delta_rule_update(
+            A_log=cell.A_log, a=a, dt_bias=cell.dt_bias, softplus_beta=1.0,
+            softplus_threshold=20.0, q=q, k=k, v=v, b=b, initial_state_source=cell.pool,
+            initial_state_indices=cell.indices[i], scale=K**-0.5, use_qk_l2norm_in_kernel=True,
+            cu_seqlens=query_start_loc, is_kda=False, disable_state_update=True,
+            intermediate_states_buffer=cell.inter, intermediate_state_indices=cell.inter_rows[i],
+            cache_steps=cell.T, retrieve_parent_token=None)
     return run
 
 

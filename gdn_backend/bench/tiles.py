@@ -1,0 +1,50 @@
+"""Tile shapes on the command line, and forcing one in place of the dispatch's choice:
+the sweep behind the dispatch rules (--tiles)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+
+from ..kernels import launch
+from ..kernels.heuristics import LANES_PER_ROW, Tile
+
+V = 128
+
+
+def parse_tile(text: str) -> Tile:
+    """"RxT" -> Tile(R rows per CTA, T rows per thread), for a tile the kernel can build at V=128;
+    "RxNtc": R rows per CTA, N a thread, on the tensor-core kernel (bf16 pools, T <= 4)."""
+    match = re.fullmatch(r"(\d+)x(\d+)(tc)?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a tile: write rows_per_cta x rows_per_thread, e.g. 32x4 or 32x2tc")
+    tile = Tile(int(match[1]), int(match[2]), tensor_cores=bool(match[3]))
+    if tile.tensor_cores:
+        warp_rows = 8 * tile.rows_per_thread
+        if tile.rows_per_thread % 2 or tile.rows_per_cta % warp_rows or V % tile.rows_per_cta:
+            raise argparse.ArgumentTypeError(
+                f"tile {text}: a tensor-core tile is RxNtc: N even, a warp holds 8N rows, and R, a "
+                f"multiple of 8N, divides V = {V}")
+    elif (tile.rows_per_cta < 1 or V % tile.rows_per_cta or tile.rows_per_thread < 1
+            or tile.rows_per_cta % tile.rows_per_thread or tile.threads % 32 or tile.threads > 1024):
+        raise argparse.ArgumentTypeError(
+            f"tile {text}: rows per CTA must divide V = {V}, rows per thread must divide them, and "
+            f"{LANES_PER_ROW} lanes per row group must make whole warps (32 to 1024 threads)")
+    return tile
+
+
+def tile_name(tile: Tile) -> str:
+    return f"{tile.rows_per_cta}x{tile.rows_per_thread}{'tc' if tile.tensor_cores else ''}"
+
+
+@contextlib.contextmanager
+def forced_tile(tile: Tile):
+    """Within: every decode launch takes `tile` in place of the dispatch's choice."""
+    chosen = launch.choose_tile
+    launch.choose_tile = lambda *shape, **options: tile
+    try:
+        yield
+    finally:
+        launch.choose_tile = chosen
