@@ -28,11 +28,11 @@ def plot(result: dict, path: str) -> None:
         if not cell:
             ax.set_visible(False)
             continue
-        for name, label in LABELS.items():
+        for color, (name, label) in enumerate(LABELS.items()):  # one colour a peer throughout
             timed = [r for r in cell if name in r]
             if timed:
                 ax.plot([r["B"] for r in timed], [r[name] / r["copy_us"] for r in timed],
-                        marker="o", label=label)
+                        marker="o", label=label, color=f"C{color}")
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="copy of the same bytes")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -40,8 +40,13 @@ def plot(result: dict, path: str) -> None:
         ax.set_title(f"{mode}: {shape} {pool} pool, T={T}", fontsize=10)
         ax.set_xlabel("batch size B")
         ax.set_ylabel("time / copy")
-    axes.flat[0].legend(fontsize=7)
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles),
+               fontsize=8, bbox_to_anchor=(0.5, 1 - 0.35 / fig.get_figheight()))
     fig.suptitle(f"Pooled GDN steps on {result['device']} (cold L2, CUDA-graph replay; "
                  f"copy ceiling {result['copy_ceiling_tbps']:.2f} TB/s)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
