@@ -34,6 +34,16 @@ COLD_BYTES = 256 << 20
 MAX_SETS = 1024
 
 
+def set_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` [sets, ...] on the GPU, each set's row starting 32 bytes apart at least: as the
+    engines' per-step index tensors do (FlashInfer's bf16 kernels require it)."""
+    row = t[0].numel()
+    pitch = -(-row * t.element_size() // 32) * 32 // t.element_size()
+    store = torch.empty(t.shape[0], pitch, dtype=t.dtype, device="cuda")
+    store[:, :row] = t.flatten(1).to("cuda")
+    return store[:, :row].view(t.shape)
+
+
 class Cell:
     def __init__(self, mode: str, shape: str, pool: str, B: int, T: int, seed: int = 0):
         assert mode in MODES
@@ -55,8 +65,8 @@ class Cell:
         self.pool = torch.randn(P, self.HV, V, K, device="cuda").mul_(0.5).to(POOLS[pool])
         order = (torch.randperm(P - 1, generator=gen) + 1).view(self.sets, self.valid, owned)
         pad = torch.full((self.sets, B - self.valid, owned), -1, dtype=torch.long)
-        table = torch.cat([order, pad], dim=1).to(torch.int32).cuda()  # [sets, B, owned]
-        self.indices = table if mode == "slots" else table[..., 0].contiguous()
+        table = torch.cat([order, pad], dim=1).to(torch.int32)  # [sets, B, owned]
+        self.indices = set_rows(table if mode == "slots" else table[..., 0])
         self.accepted = (torch.randint(1, T + 1, (B,), generator=gen).to(torch.int32).cuda()
                          if mode == "slots" else None)
         self.inter = self.inter_rows = None
@@ -66,7 +76,7 @@ class Cell:
             self.inter = torch.randn(self.sets * self.valid + 1, T, self.HV, V, K,
                                      device="cuda").to(POOLS[pool])
             rows = torch.arange(self.sets * self.valid).view(self.sets, self.valid)
-            self.inter_rows = torch.cat([rows, pad[..., 0]], dim=1).to(torch.int32).cuda()
+            self.inter_rows = set_rows(torch.cat([rows, pad[..., 0]], dim=1).to(torch.int32))
 
         # Inputs as SGLang hands them over: q, k, v views of one packed conv output row.
         tokens = sum(self.lengths) if mode == "ragged" else B * T

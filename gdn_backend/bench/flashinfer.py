@@ -10,6 +10,8 @@ ragged rows. Where FlashInfer differs from SPEC.md:
   the benchmark never gives slot 0 to a request;
 - its intermediate buffer is indexed by batch row, not by a row index: each slot set gets
   rows of its own, so that the writes stay cold;
+- its bf16 kernels need every tensor 32-byte aligned, index rows too ("Misaligned Tensor
+  data" otherwise): the cells' per-set index rows start 32 bytes apart;
 - per-token slots take the read slot as an index of its own (computed here, untimed) and do
   not check write slots for padding (none is padding in the benchmark's cells).
 """
@@ -17,6 +19,8 @@ ragged rows. Where FlashInfer differs from SPEC.md:
 from __future__ import annotations
 
 import torch
+
+from .cells import set_rows
 
 IN_PLACE = True
 
@@ -66,8 +70,8 @@ def step(cell):
             intermediate_states_buffer=rows(i), disable_state_update=True,
             backend="flashinfer", **common)
     # Per-token slots (fp32): the read slot of every request of every set, as an index.
-    reads = cell.indices.gather(2, (cell.accepted.long() - 1)[None, :, None].expand(
-        cell.sets, -1, 1))[..., 0].contiguous()
+    reads = set_rows(cell.indices.gather(2, (cell.accepted.long() - 1)[None, :, None].expand(
+        cell.sets, -1, 1))[..., 0])
     return lambda i: gated_delta_rule_mtp(
         initial_state=cell.pool, initial_state_indices=reads[i],
         ssm_state_indices=cell.indices[i], disable_state_update=False, **common)
