@@ -98,3 +98,22 @@ def test_warmup_compiles_every_tile_the_heuristic_can_choose(tokens, state_bytes
         # 8x1 and one 32-row tile, except four tokens on a bf16 pool: 8x1 and the two
         # tensor-core tiles.
         assert TINY in chosen and len(chosen) == (3 if state_bytes == BF16 and tokens == 4 else 2)
+
+
+@pytest.mark.parametrize("batch", [16, 32, 48, 64, 65, 256])
+@pytest.mark.parametrize("tokens", [2, 4, 8])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_verify_on_fp32_at_tp8_takes_fine_tiles_up_to_256_heads(batch, tokens, ragged):
+    tile = choose_tile(batch, 4, 128, tokens, FP32, intermediate=True, ragged=ragged)
+    assert (tile == TINY) == (batch * 4 <= 256)
+
+
+@pytest.mark.parametrize("batch, heads, tokens, state_bytes, options", [
+    (32, 4, 2, BF16, {"intermediate": True}),        # bf16 pools: not measured, unchanged
+    (32, 4, 2, FP32, {"per_token_slots": True}),     # per-token slots: 8x1 lost at T = 4
+    (4, 32, 2, FP32, {"intermediate": True}),        # TP1's 32 value heads: not measured
+    (32, 4, 2, FP32, {}),                            # decode
+])
+def test_the_fine_verify_tile_stays_where_it_was_measured(batch, heads, tokens, state_bytes,
+                                                          options):
+    assert choose_tile(batch, heads, 128, tokens, state_bytes, **options) == LARGE

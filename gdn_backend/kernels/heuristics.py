@@ -16,6 +16,11 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
   warps, whose staging of the tokens is spread over more warps, once those give
   every SM two CTAs (from 132 heads); in 32-row CTAs below that. Not when
   intermediate states are written: that kernel writes only the last state.
+- Several tokens on an fp32 pool, every state written to intermediate rows (verify),
+  for requests of at most 4 value heads (TP8) up to 256 heads: 8-row tiles (H200 sweep,
+  TP8 B = 16-64, T = 2 and 4: 1.07-1.27x the copy against 1.15-1.50x on 32x2; not
+  profiled). Not measured for more value heads a request or for per-token slots (where
+  8x1 lost at T = 4), so not applied there.
 - Otherwise, several tokens: 2 rows a thread (about 85 registers, 128 threads).
 """
 
@@ -26,6 +31,10 @@ from dataclasses import dataclass
 # H100 and H200: 132 SMs.
 NUM_SMS = 132
 FINE_FP32_FROM_HEADS = 256
+# Verify on an fp32 pool takes 8-row tiles up to this many heads, for requests of at most
+# FINE_VERIFY_MAX_V_HEADS value heads (where it was measured).
+FINE_VERIFY_UP_TO_HEADS = 256
+FINE_VERIFY_MAX_V_HEADS = 4
 # Lanes that share one state row: in decode.py, and in decode_mma.py (a quad of an MMA).
 LANES_PER_ROW = 8
 MMA_LANES_PER_ROW = 4
@@ -72,6 +81,9 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
         return TINY
     if tokens == 1:
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
+    if (fp32 and intermediate and heads <= FINE_VERIFY_UP_TO_HEADS
+            and num_v_heads <= FINE_VERIFY_MAX_V_HEADS):
+        return TINY
     if tokens in (3, 4) and serves(MMA, tokens, state_bytes, intermediate, per_token_slots,
                                    ragged):
         return MMA_WIDE if heads * (head_v_dim // MMA_WIDE.rows_per_cta) >= 2 * NUM_SMS else MMA
