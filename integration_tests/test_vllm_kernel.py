@@ -1,12 +1,13 @@
-"""vLLM's packed-decode call served by gdn_backend, on vLLM's layout: packed mixed_qkv, a
-state pool that is a strided view into a shared cache buffer, null-block (slot 0) padding,
-int32 indices as a strided block-table column. CPU (reference) and GPU (kernel, in a graph);
-the adapter needs no vLLM to run."""
+"""vLLM's packed-decode and MTP-verify calls served by gdn_backend, on vLLM's layout: packed
+mixed_qkv, a state pool that is a strided view into a shared cache buffer, null-block (slot
+0) padding, int32 slots from its block table (a strided column for decode, a row-strided
+slice for verify, per-token slots and ragged rows). CPU (reference) and GPU (kernel, in a
+graph); the adapter needs no vLLM to run."""
 
 import pytest
 import torch
 
-from gdn_backend.integrations.vllm import packed_decode
+from gdn_backend.integrations.vllm.ops import packed_decode, spec_decode
 from gdn_backend.reference import gated_delta_rule_decode_reference
 from gdn_backend.testing import no_host_sync, relative_error
 
@@ -47,6 +48,55 @@ class VLLMLayer:
         return out, pool
 
 
+def spec_tensors(cache, lengths, T, seed):
+    """An MTP-verify batch as vLLM lays it out: tokens [N, 2HK + HV V] row after row,
+    per-token slots [B, T] as a slice of the block table (a row stride past T), rows of
+    `lengths` tokens (0: a FULL-graph padding row, slots 0, num_accepted 1), int32 throughout.
+    Returns mixed, a, b, slots, num_accepted, query_start_loc on the cache's device."""
+    gen = torch.Generator().manual_seed(seed)
+    B, tokens = len(lengths), sum(lengths)
+    mixed = torch.randn(tokens, QKV, generator=gen).to(torch.bfloat16)
+    a, b = (torch.randn(tokens, HV, generator=gen).to(torch.bfloat16) for _ in range(2))
+    blocks = (torch.randperm(cache.ssm_state.shape[0] - 1, generator=gen)[: B * T] + 1).view(B, T)
+    accepted = torch.randint(1, T + 1, (B,), generator=gen).to(torch.int32)
+    padding = torch.tensor(lengths) == 0
+    blocks[padding], accepted[padding] = 0, 1
+    table = torch.zeros(B, T + 2, dtype=torch.int32)
+    table[:, :T] = blocks.to(torch.int32)
+    qsl = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    device = cache.device
+    return (mixed.to(device), a.to(device), b.to(device), table.to(device)[:, :T],
+            accepted.to(device), qsl.to(device))
+
+
+def reference_spec(cache, mixed, a, b, query_start_loc, slots, accepted):
+    """vLLM's verify contract, request by request, from gdn_backend's reference on one slot:
+    read [n, num_accepted - 1], the state after token t to [n, t] (slots <= 0 skipped)."""
+    before = cache.ssm_state.clone()
+    pool = before.clone()
+    out = torch.zeros(mixed.shape[0], HV, V, dtype=torch.bfloat16, device=cache.device)
+    qsl = query_start_loc.tolist()
+    for n in range(len(qsl) - 1):
+        start, end = qsl[n], qsl[n + 1]
+        read = int(slots[n, int(accepted[n]) - 1])
+        if end == start or read <= 0:
+            continue
+        q, k, v = torch.split(mixed[start:end].unsqueeze(0), [H * K, H * K, HV * V], -1)
+        states = torch.empty(1, end - start, HV, V, K, dtype=pool.dtype, device=cache.device)
+        row_out = torch.empty(1, end - start, HV, V, dtype=torch.bfloat16, device=cache.device)
+        gated_delta_rule_decode_reference(
+            q.unflatten(-1, (H, K)).contiguous(), k.unflatten(-1, (H, K)).contiguous(),
+            v.unflatten(-1, (HV, V)).contiguous(), a[start:end].unsqueeze(0),
+            b[start:end].unsqueeze(0), cache.A_log, cache.dt_bias, before.clone(),
+            torch.tensor([read], device=cache.device), row_out, scale=K**-0.5,
+            intermediate_states=states, update_state=False)
+        out[start:end] = row_out[0]
+        for t in range(end - start):
+            if slots[n, t] > 0:
+                pool[slots[n, t]] = states[0, t]
+    return out, pool
+
+
 def call(layer, mixed, a, b, idx, out):
     return packed_decode(mixed_qkv=mixed, a=a, b=b, A_log=layer.A_log, dt_bias=layer.dt_bias,
                          scale=K**-0.5, initial_state=layer.ssm_state, out=out,
@@ -76,7 +126,7 @@ def test_vllm_packed_decode_gives_the_references_answer(device, state_dtype):
 def test_unnormalised_qk_is_refused():
     layer = VLLMLayer("cpu", seed=2)
     mixed, a, b, idx = layer.batch(2, 2)
-    with pytest.raises(NotImplementedError, match="GDN_BACKEND_VLLM"):
+    with pytest.raises(NotImplementedError, match="un-normalised q/k"):
         packed_decode(mixed, a, b, layer.A_log, layer.dt_bias, K**-0.5, layer.ssm_state,
                       torch.empty(2, 1, HV, V, dtype=torch.bfloat16), idx)
 
@@ -102,3 +152,52 @@ def test_vllm_packed_decode_in_a_cuda_graph():
         assert relative_error(out, want_out) < 8e-3
         assert (out[live:] == 0).all()
         assert relative_error(layer.ssm_state, want_pool) < 8e-3
+
+
+def call_spec(cache, mixed, a, b, slots, accepted, qsl, out):
+    return spec_decode(mixed, a, b, cache.A_log, cache.dt_bias, K**-0.5, cache.ssm_state, out,
+                       qsl, slots, accepted)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_vllm_mtp_verify_gives_the_references_answer(device, state_dtype):
+    cache = VLLMLayer(device, blocks=40, state_dtype=state_dtype, seed=11)
+    mixed, a, b, slots, accepted, qsl = spec_tensors(cache, [4, 2, 0, 3, 1, 4], 4, seed=12)
+    want_out, want_pool = reference_spec(cache, mixed, a, b, qsl, slots, accepted)
+    buffer_before = cache.buffer.clone()
+    out = torch.zeros(mixed.shape[0], HV, V, dtype=torch.bfloat16, device=device)
+    call_spec(cache, mixed, a, b, slots, accepted, qsl, out)
+    assert relative_error(out, want_out) < 8e-3
+    tol = 2e-5 if state_dtype == torch.float32 else 8e-3
+    named = slots[slots > 0].unique().long()
+    assert relative_error(cache.ssm_state[named], want_pool[named]) < tol
+    touched = torch.zeros(cache.buffer.shape[0], dtype=torch.bool, device=device)
+    touched[named] = True
+    assert torch.equal(cache.buffer[~touched], buffer_before[~touched])
+
+
+@pytest.mark.gpu
+def test_vllm_mtp_verify_in_a_cuda_graph():
+    """vLLM's FULL-graph verify: captured at 8 requests of 4 tokens, replayed with rows of
+    fewer tokens and padding rows (no tokens, slots 0, num_accepted 1), on new slots."""
+    T, capture = 4, [4] * 8
+    cache = VLLMLayer("cuda", blocks=80, state_dtype=torch.float32, seed=13)
+    static = list(spec_tensors(cache, capture, T, seed=14))
+    out = torch.zeros(static[0].shape[0], HV, V, dtype=torch.bfloat16, device="cuda")
+    call_spec(cache, *static, out)  # eager warm-up compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call_spec(cache, *static, out)
+    for step, lengths in enumerate(([4] * 8, [4, 1, 3, 2, 4, 0, 0, 0], [2] + [0] * 7)):
+        fresh = spec_tensors(cache, lengths, T, seed=15 + step)
+        for dst, src in zip(static, fresh):  # fewer tokens: the rest is no request's
+            dst[: src.shape[0]].copy_(src)
+        tokens = fresh[0].shape[0]
+        want_out, want_pool = reference_spec(cache, *fresh[:3], fresh[5], fresh[3], fresh[4])
+        out.zero_()
+        with no_host_sync():
+            graph.replay()
+        assert relative_error(out[:tokens], want_out) < 8e-3
+        named = fresh[3][fresh[3] > 0].unique().long()
+        assert relative_error(cache.ssm_state[named], want_pool[named]) < 2e-5
