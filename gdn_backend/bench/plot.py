@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 LABELS = {"ours_us": "gdn_backend", "sglang_us": "SGLang's Triton kernels",
+          "vllm_us": "vLLM's Triton verify",
           "flashinfer_us": "FlashInfer", "torch_us": "PyTorch gather-step-scatter",
           "fla_us": "FLA fused_recurrent + gather/scatter"}
 

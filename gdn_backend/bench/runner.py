@@ -10,7 +10,8 @@ against. The copy ceiling (the best of 256 MiB to 1 GiB device copies) is measur
 
 Peers, in the same process, where they import and serve the mode (each its own module):
 SGLang's own Triton kernels, on the pool in place, called as SGLang calls them (sglang.py
-says how to run them where SGLang is not installed); FlashInfer's pooled GDN kernels
+says how to run them where SGLang is not installed); vLLM's MTP-verify kernel on the
+per-token slots (vllm.py, likewise); FlashInfer's pooled GDN kernels
 (flashinfer.py); for decode, a plain PyTorch gather -> step -> scatter and
 flash-linear-attention's fused_recurrent_gated_delta_rule with gather/scatter, both given
 the valid rows only (neither handles padding in place).
@@ -29,7 +30,7 @@ import torch
 
 from ..kernels.heuristics import serves
 from ..op import warmup
-from . import fla, flashinfer, sglang, torch_step
+from . import fla, flashinfer, sglang, torch_step, vllm
 from .cells import MODES, POOLS, SHAPES, Cell
 from .plot import plot
 from .tiles import forced_tile, parse_tile, tile_name
@@ -40,8 +41,8 @@ TOKENS = {"decode": (1, 2, 4), "verify": (2, 3, 4, 8), "slots": (2, 3, 4, 8),
           "ragged": (2, 3, 4, 8)}
 # Peers by the key of their time in a row. Gather/scatter peers allocate inside the graph,
 # so they replay fewer sets.
-PEERS = {"sglang_us": sglang, "flashinfer_us": flashinfer, "torch_us": torch_step,
-         "fla_us": fla}
+PEERS = {"sglang_us": sglang, "vllm_us": vllm, "flashinfer_us": flashinfer,
+         "torch_us": torch_step, "fla_us": fla}
 GATHER_CALLS = 256
 
 

@@ -18,11 +18,12 @@ intermediate-state buffer. Nothing of SGLang is kept in this repository.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 
 import torch
+
+from .export import export as export_package
+from .export import version as package_version
 
 # The kernel modules, relative to the sglang package (SGLang 0.5.23's layout).
 KERNEL_FILES = (
@@ -56,36 +57,13 @@ HELPERS = {
 
 
 def export(dest: str) -> str:
-    """Write SGLang's decode kernels and the helper stand-ins under dest/sglang."""
-    import sglang
-
-    src = os.path.dirname(sglang.__file__)
-    root = os.path.join(dest, "sglang")
-    shutil.rmtree(root, ignore_errors=True)
-    for rel in KERNEL_FILES:
-        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
-        shutil.copy(os.path.join(src, rel), os.path.join(root, rel))
-    for rel, text in HELPERS.items():
-        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
-        with open(os.path.join(root, rel), "w") as f:
-            f.write(text)
-    for folder, _, files in os.walk(root):
-        if "__init__.py" not in files:
-            open(os.path.join(folder, "__init__.py"), "w").close()
-    with open(os.path.join(root, "VERSION"), "w") as f:
-        f.write(getattr(sglang, "__version__", "unknown") + "\n")
-    return root
+    """Write SGLang's decode and verify kernels and the helper stand-ins under dest/sglang."""
+    return export_package("sglang", KERNEL_FILES, HELPERS, dest)
 
 
 def version() -> str:
     """The exported (or installed) SGLang's version."""
-    import sglang
-
-    stamp = os.path.join(os.path.dirname(sglang.__file__), "VERSION")
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            return f.read().strip()
-    return getattr(sglang, "__version__", "unknown")
+    return package_version("sglang")
 
 
 def available() -> bool:
