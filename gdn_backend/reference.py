@@ -1,10 +1,12 @@
 """SPEC.md in PyTorch: the oracle every kernel is tested against, and the CPU path.
 
-Float32 math, token by token, in the order SPEC.md writes it. It takes arguments
-the op has already validated; it reads and writes only the slots that valid
-indices name, so it honours padding and out-of-range indices exactly like a
-kernel must. Boolean masks select the valid rows, which synchronises on a GPU:
-it is an oracle there, never the hot path.
+Float32 math, token by token, in the order SPEC.md writes it, for every mode: one slot a
+request or per-token slots, rows of T tokens or ragged rows, with or without intermediate
+states. `decode_reference` takes a validated `Call` (the op's path); the plain-argument
+entry validates first. It reads and writes only the slots that valid indices name, so it
+honours padding, out-of-range indices and malformed rows exactly like a kernel must.
+Boolean masks select the valid rows, which synchronises on a GPU: it is an oracle there,
+never the hot path.
 """
 
 from __future__ import annotations
