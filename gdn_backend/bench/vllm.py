@@ -5,8 +5,8 @@ verify, `fused_sigmoid_gating_delta_rule_update` in its vendored flash-linear-at
 one Triton module that needs only `vllm.triton_utils`. `export` copies it out of an
 installed vLLM beside a stand-in for that helper, into a folder that imports as `vllm`:
 
-    python -m gdn_backend.bench.vllm DIR          # where vLLM is installed
-    PYTHONPATH=DIR:$PYTHONPATH python -m gdn_backend.bench --modes slots
+    python -m gdn_backend.bench.vllm .vllm_kernels     # where vLLM is installed
+    PYTHONPATH=$PWD/.vllm_kernels:$PYTHONPATH python -m gdn_backend.bench --modes slots
 
 The benchmark then times it on the slots cells as vLLM's `_forward_core` calls it for a
 batch of verifies only: tokens [1, N] with `cu_seqlens`, per-token slots [B, T],
