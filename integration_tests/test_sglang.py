@@ -1,7 +1,6 @@
 """gdn_backend inside SGLang 0.5.23's real Python code (CPU: the op's reference path)."""
 
 import argparse
-import json
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
 from gdn_backend.integrations import sglang as plugin  # noqa: E402
+from sglang_kit import write_model_config  # noqa: E402
 
 H, HV, K, V = 2, 4, 128, 128
 
@@ -40,18 +40,7 @@ def registered():
 
 def write_tiny_model(path, head_dim=128):
     """A local Qwen3-Next config, so SGLang resolves its arguments offline."""
-    from transformers import Qwen3NextConfig
-
-    Qwen3NextConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
-                    num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=H,
-                    linear_num_value_heads=HV, linear_key_head_dim=head_dim,
-                    linear_value_head_dim=head_dim, vocab_size=1000, num_experts=4,
-                    num_experts_per_tok=2, moe_intermediate_size=128,
-                    shared_expert_intermediate_size=128).save_pretrained(path)
-    config = json.loads((path / "config.json").read_text())
-    config["architectures"] = ["Qwen3NextForCausalLM"]
-    (path / "config.json").write_text(json.dumps(config))
-    return str(path)
+    return write_model_config(path, H, HV, head_dim)
 
 
 @pytest.fixture(scope="module")
