@@ -51,18 +51,25 @@ def _run(
         intermediate_indices=intermediate_indices, update_state=update_state,
         num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens, max_tokens=max_tokens,
     )
-    _check_flag_tensor(error_flag, state_pool.device)
+    dispatch(call, call, error_flag, "gated_delta_rule_decode", decode_reference)
+
+
+def dispatch(validated, call, error_flag: torch.Tensor, kernel: str, reference) -> None:
+    """A validated call to `launch.<kernel>` on CUDA, to `reference` on the CPU. `call` is
+    the (one-slot or ring) call's classic part: its pool's device and its batch."""
+    device = call.state_pool.device
+    _check_flag_tensor(error_flag, device)
     if call.problem.batch == 0:
         return
-    if state_pool.device.type == "cuda":
+    if device.type == "cuda":
         from .kernels import launch
 
-        launch.gated_delta_rule_decode(call, error_flag)
-    elif state_pool.device.type == "cpu":
-        decode_reference(call, error_flag)
+        getattr(launch, kernel)(validated, error_flag)
+    elif device.type == "cpu":
+        reference(validated, error_flag)
     else:
         raise NotImplementedError(
-            f"state_pool is on {state_pool.device}; gdn_backend runs on the CPU (reference) "
+            f"state_pool is on {device}; gdn_backend runs on the CPU (reference) "
             "and on CUDA sm_90+ (kernel)"
         )
 

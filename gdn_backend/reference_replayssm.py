@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .reference import gate_and_beta, l2_normalize, valid_rows
+from .validation import RingCall
 
 
 def replayssm_decode_reference(
@@ -44,18 +45,19 @@ def replayssm_decode_reference(
     scale: float,
     force_flush: torch.Tensor | None = None,
     error_flag: torch.Tensor | None = None,
+    min_valid_slot: int = 0,
 ) -> None:
     """One ReplaySSM decode token for B requests, in place on the checkpoints and rings.
 
     q, k [B, H, K]; v, out [B, HV, V]; a, b [B, HV]; state_pool [P, HV, V, K]; rings as the
     module says, L = ring_d.shape[2]; write_pos [B] int32, the records in request n's ring;
-    force_flush [B] (nonzero: flush this step) or None; state_indices [B]. A negative index
-    is padding: output zero, nothing read or written. An index >= P or a cursor outside
+    force_flush [B] (nonzero: flush this step) or None; state_indices [B]. An index below
+    min_valid_slot is padding: output zero, nothing read or written. An index >= P or a cursor outside
     0 .. L - 1 is an error: the request is skipped likewise and the error flag set.
     """
     H, HV = q.shape[1], v.shape[1]
     L = ring_d.shape[2]
-    valid, out_of_range = valid_rows(state_indices, state_pool.shape[0], 0)
+    valid, out_of_range = valid_rows(state_indices, state_pool.shape[0], min_valid_slot)
     cursor = write_pos.long()
     bad_cursor = valid & ((cursor < 0) | (cursor >= L))
     valid &= ~bad_cursor
@@ -100,3 +102,13 @@ def replayssm_decode_reference(
     ring_d[keep, :, at] = d[~flush].to(ring_d.dtype)
     ring_k[keep, :, at] = k_hat[~flush].to(ring_k.dtype)
     ring_g[keep, :, at] = g[~flush].to(ring_g.dtype)
+
+
+def replayssm_reference(rc: RingCall, error_flag: torch.Tensor | None = None) -> None:
+    """The reference step for a validated call, its one token taken out of [B, 1, ...]."""
+    c = rc.call
+    replayssm_decode_reference(
+        c.q[:, 0], c.k[:, 0], c.v[:, 0], c.a[:, 0], c.b[:, 0], c.A_log, c.dt_bias, c.state_pool,
+        rc.ring_d, rc.ring_k, rc.ring_g, rc.write_pos, c.state_indices, c.out[:, 0],
+        scale=c.scale, force_flush=rc.force_flush, error_flag=error_flag,
+        min_valid_slot=c.min_valid_slot)

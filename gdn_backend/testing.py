@@ -178,3 +178,81 @@ def ragged_rows(problem: DecodeProblem, lengths, trailing: int = 2) -> dict:
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     return {"q": flat(problem.q), "k": flat(problem.k), "v": flat(problem.v),
             "a": flat(problem.a), "b": flat(problem.b), "cu_seqlens": cu.to(device)}
+
+
+class RingPool:
+    """One layer's ReplaySSM state as SGLang keeps it: a checkpoint pool, a ring per slot
+    (d [P, HV, L, V], k [P, H, L, K], g [P, HV, L]) and the per-slot cursor its backend
+    advances, beside a classic pool that starts from the same checkpoints.
+
+    The rings start full of random records, so a kernel that reads past a cursor fails.
+    """
+
+    def __init__(self, num_slots: int, num_heads: int = 2, num_v_heads: int = 4,
+                 head_k_dim: int = 128, head_v_dim: int = 128, ring_len: int = 16, *,
+                 state_dtype: torch.dtype = torch.float32, ring_dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu", slot_pitch: int | None = None,
+                 seed: int = 0):
+        P, H, HV, K, V, L = num_slots, num_heads, num_v_heads, head_k_dim, head_v_dim, ring_len
+        self.H, self.HV, self.K, self.V, self.L = H, HV, K, V, L
+        self.device = torch.device(device)
+        self.gen = torch.Generator().manual_seed(seed)
+        ring_dtype = state_dtype if ring_dtype is None else ring_dtype
+        self.checkpoint = copy_strided(strided_pool(P, HV, V, K, dtype=state_dtype, device="cpu",
+                                                    slot_pitch=slot_pitch, generator=self.gen),
+                                       self.device)
+        self.classic = copy_strided(self.checkpoint)
+        # Stale records shaped like real ones: unit keys, log-decays below zero.
+        self.ring_d = self.randn(P, HV, L, V, dtype=ring_dtype, scale=0.5)
+        keys = torch.randn(P, H, L, K, generator=self.gen)
+        self.ring_k = (keys / keys.norm(dim=-1, keepdim=True)).to(ring_dtype).to(self.device)
+        self.ring_g = (-torch.rand(P, HV, L, generator=self.gen)).to(self.device)
+        self.write_pos = torch.zeros(P, dtype=torch.int32, device=self.device)
+        self.A_log = (torch.rand(HV, generator=self.gen) * 15 + 1).log().to(self.device)
+        self.dt_bias = self.randn(HV, scale=0.5)
+
+    def randn(self, *shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=self.gen) * scale).to(dtype).to(self.device)
+
+    @property
+    def rings(self) -> tuple:
+        return self.ring_d, self.ring_k, self.ring_g
+
+    def tokens(self, B: int) -> tuple:
+        """q, k [B, 1, H, K] and v [B, 1, HV, V] as views of packed rows; a, b [B, 1, HV]."""
+        H, HV, K, V = self.H, self.HV, self.K, self.V
+        q, k, v = split_packed_qkv(self.randn(B, 1, 2 * H * K + HV * V, dtype=torch.bfloat16),
+                                   H, HV, K, V)
+        a, b = (self.randn(B, 1, HV, dtype=torch.bfloat16) for _ in range(2))
+        return q, k, v, a, b
+
+    def cursors(self, idx: torch.Tensor) -> torch.Tensor:
+        """SGLang's per-forward snapshot of the cursors (padding rows read slot 0's)."""
+        return self.write_pos[idx.clamp(min=0).long()].clone()
+
+    def advance(self, idx: torch.Tensor, cursor: torch.Tensor, force: torch.Tensor | None):
+        """SGLang's backend after the step: 0 where it flushed, one on elsewhere."""
+        flushed = cursor == self.L - 1
+        if force is not None:
+            flushed |= force != 0
+        real = idx >= 0
+        self.write_pos[idx[real].long()] = torch.where(flushed, 0, cursor + 1)[real].to(torch.int32)
+
+    def step(self, slots, force=None, decode=None):
+        """One token for requests on `slots` (-1: padding) through the ReplaySSM op
+        (or `decode`, with its arguments) and the classic op; returns both outputs [B, HV, V]."""
+        from .op import gated_delta_rule_decode
+        from .replayssm import replayssm_decode
+
+        idx = torch.tensor(slots, dtype=torch.int32, device=self.device)
+        force = None if force is None else torch.tensor(force, dtype=torch.int32,
+                                                        device=self.device)
+        q, k, v, a, b = self.tokens(len(slots))
+        cursor = self.cursors(idx)
+        ring_out = torch.full(v.shape, float("nan"), dtype=v.dtype, device=self.device)
+        (decode or replayssm_decode)(q, k, v, a, b, self.A_log, self.dt_bias, self.checkpoint,
+                                     *self.rings, cursor, idx, force_flush=force, out=ring_out)
+        classic_out = gated_delta_rule_decode(q, k, v, a, b, self.A_log, self.dt_bias,
+                                              self.classic, idx)
+        self.advance(idx, cursor, force)
+        return ring_out[:, 0], classic_out[:, 0]

@@ -99,7 +99,8 @@ def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} has strides {t.stride()}; negative strides are not supported")
 
 
-def _check_dense_slots(name: str, t: torch.Tensor, inner_dims: int) -> None:
+def _check_dense_slots(name: str, t: torch.Tensor, inner_dims: int,
+                       what: str = "[HV, V, K]") -> None:
     """The trailing `inner_dims` dims are dense row-major; leading strides are free."""
     expected, step = [], 1
     for size in reversed(t.shape[-inner_dims:]):
@@ -110,7 +111,7 @@ def _check_dense_slots(name: str, t: torch.Tensor, inner_dims: int) -> None:
     # Strides of size-1 dims never move an address; ignore them.
     if any(g != e for g, e, n in zip(got, expected, t.shape[-inner_dims:]) if n > 1):
         raise ValueError(
-            f"{name} has strides {t.stride()}; each slot must be dense [HV, V, K] with strides "
+            f"{name} has strides {t.stride()}; each slot must be dense {what} with strides "
             f"(..., {', '.join(map(str, expected))}) (a per-layer view with any slot stride "
             "is fine, other layouts are not copied silently)"
         )
@@ -301,3 +302,60 @@ def validate(
     return Call(q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, out, float(scale),
                 min_valid_slot, intermediate_states, intermediate_indices, bool(update_state),
                 num_accepted_tokens, cu_seqlens, Problem(B, T, H, HV, K, V, P))
+
+
+# ReplaySSM: one warp scans a ring's decays, a record a lane.
+MAX_RING = 32
+
+
+@dataclass(frozen=True)
+class RingCall:
+    """One validated ReplaySSM decode call: a one-token `Call` on the checkpoints, and the
+    rings (d [P, HV, L, V], k [P, H, L, K], g [P, HV, L]) with each request's cursor."""
+
+    call: Call
+    ring_d: torch.Tensor
+    ring_k: torch.Tensor
+    ring_g: torch.Tensor
+    write_pos: torch.Tensor
+    force_flush: torch.Tensor | None
+
+    @property
+    def ring_len(self) -> int:
+        return self.ring_d.shape[2]
+
+
+def validate_rings(call: Call, ring_d, ring_k, ring_g, write_pos, force_flush) -> RingCall:
+    """Check ReplaySSM's rings and cursors against a validated one-token call."""
+    p = call.problem
+    if p.tokens != 1 or call.ragged or call.per_token_slots or call.intermediate_states is not None:
+        raise ValueError("ReplaySSM decode runs one token a request, one slot each: q [B, 1, H, K], "
+                         "state_indices [B], no ragged rows or intermediate states")
+    if not call.update_state:
+        raise ValueError("ReplaySSM decode writes its ring and, on a flush, the checkpoint; "
+                         "update_state=False does not apply to it")
+    P, H, HV, K, V = p.num_slots, p.num_heads, p.num_v_heads, p.head_k_dim, p.head_v_dim
+    _check_rank("ring_d", ring_d, 4, "[P, HV, L, V]")
+    L = ring_d.shape[2]
+    if L < 1 or L > MAX_RING:
+        raise ValueError(f"ring_d holds L = {L} records a slot; L must be in 1..{MAX_RING}")
+    _check_rank("ring_k", ring_k, 4, "[P, H, L, K]")
+    _check_rank("ring_g", ring_g, 3, "[P, HV, L]")
+    _check_dtype("ring_d", ring_d, STATE_DTYPES)
+    if ring_k.dtype != ring_d.dtype:
+        raise TypeError(f"ring_k has dtype {ring_k.dtype}; it must match ring_d's {ring_d.dtype}")
+    _check_dtype("ring_g", ring_g, (torch.float32,))
+    for name, t, shape, what in (("ring_d", ring_d, (P, HV, L, V), "[P, HV, L, V]"),
+                                 ("ring_k", ring_k, (P, H, L, K), "[P, H, L, K]"),
+                                 ("ring_g", ring_g, (P, HV, L), "[P, HV, L]")):
+        _check_shape(name, t, shape, f"{what}, a ring per pool slot")
+        _check_dense_slots(name, t, t.dim() - 1, what.replace("P, ", ""))
+    _check_index_vector("write_pos", write_pos, p.batch, "[B]", (torch.int32,))
+    if force_flush is not None:
+        _check_index_vector("force_flush", force_flush, p.batch, "[B]", (torch.int32,))
+    device = call.state_pool.device
+    for name, t in (("ring_d", ring_d), ("ring_k", ring_k), ("ring_g", ring_g),
+                    ("write_pos", write_pos), ("force_flush", force_flush)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}; it must be on state_pool's device {device}")
+    return RingCall(call, ring_d, ring_k, ring_g, write_pos, force_flush)

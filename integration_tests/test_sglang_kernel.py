@@ -179,14 +179,25 @@ def test_static_chain_verify_of_unequal_rows_is_refused():
             intermediate_state_indices=torch.arange(2, dtype=torch.int32), cache_steps=3)
 
 
-def test_replayssm_buffers_are_refused_naming_the_option():
+def test_a_partial_set_of_replayssm_rings_is_a_clear_error():
     layer = SGLangLayer("cpu", seed=4)
     mixed, a, b, idx = layer.batch(2, 2)
-    with pytest.raises(NotImplementedError, match="--enable-linear-replayssm"):
+    with pytest.raises(ValueError, match="needs all of replayssm_d"):
         GDNBackendKernel().packed_decode(
             mixed, a, b, A_log=layer.A_log, dt_bias=layer.dt_bias, scale=K**-0.5,
             ssm_states=layer.ssm_states, cache_indices=idx, num_v_heads=HV, head_v_dim=V,
             replayssm_d=torch.zeros(1))
+
+
+def test_replayssm_buffers_outside_packed_decode_are_refused_naming_the_option():
+    layer = SGLangLayer("cpu", seed=4)
+    mixed, a, b, idx = layer.batch(2, 2)
+    q, k, v = (x.view(1, 2, -1, 128) for x in torch.split(mixed, [H * K, H * K, HV * V], -1))
+    with pytest.raises(NotImplementedError, match="--enable-linear-replayssm-spec"):
+        GDNBackendKernel().decode(
+            q, k, v, a, b, A_log=layer.A_log, dt_bias=layer.dt_bias,
+            ssm_states=layer.ssm_states, cache_indices=idx, query_start_loc=None,
+            replayssm_g=torch.zeros(1))
 
 
 def test_tree_verify_is_left_to_sglang():

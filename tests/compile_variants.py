@@ -17,7 +17,7 @@ import torch
 
 def variants() -> dict:
     from gdn_backend.kernels.compile import KernelConfig
-    from gdn_backend.kernels.heuristics import TILES, tiles_for
+    from gdn_backend.kernels.heuristics import TILES, ring_tiles_for, tiles_for
 
     out = {}
     for state in (torch.float32, torch.bfloat16):
@@ -64,6 +64,14 @@ def variants() -> dict:
         out[f"{s}_fp32_qkv"] = replace(base, qkv_dtype=torch.float32, gate_dtype=torch.float32)
         out[f"{s}_unaligned"] = replace(base, tokens=2, qkv_vectorized=False, state_vectorized=False)
         out[f"{s}_no_pdl"] = replace(base, use_pdl=False)
+        # ReplaySSM decode at each tile T = 1 takes, SGLang's ring of 16, and odd rings.
+        for tile in dict.fromkeys(t for hv in (4, 32) for t in ring_tiles_for(hv, 128)):
+            out[f"{s}_replayssm{tile.rows_per_cta}x{tile.rows_per_thread}"] = replace(
+                base, rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
+                ring_len=16, ring_dtype=state, force_flush=True)
+        out[f"{s}_replayssm_L1"] = replace(base, ring_len=1, ring_dtype=state)
+        out[f"{s}_replayssm_L32_unaligned"] = replace(
+            base, ring_len=32, ring_dtype=state, ring_vectorized=False, state_vectorized=False)
     return out
 
 

@@ -12,7 +12,8 @@ from gdn_backend.bench import vllm as bench_vllm
 
 EXPORTS = {  # package: (peer module, {kernel module: function it must hold})
     "sglang": (bench_sglang, {bench_sglang.PACKED: "fused_recurrent_gated_delta_rule_packed_decode",
-                              bench_sglang.UNPACKED: "fused_sigmoid_gating_delta_rule_update"}),
+                              bench_sglang.UNPACKED: "fused_sigmoid_gating_delta_rule_update",
+                              bench_sglang.RING: "fused_recurrent_gdn_replayssm_decode"}),
     "vllm": (bench_vllm, {bench_vllm.KERNEL: "fused_sigmoid_gating_delta_rule_update"}),
 }
 
@@ -43,3 +44,13 @@ def test_our_vllm_call_names_the_arguments_its_kernel_takes():
     taken = set(inspect.signature(fused_sigmoid_gating_delta_rule_update).parameters)
     assert {"initial_state", "inplace_final_state", "cu_seqlens", "ssm_state_indices",
             "num_accepted_tokens", "use_qk_l2norm_in_kernel"} <= taken
+
+
+def test_our_sglang_replayssm_call_names_the_arguments_its_kernel_takes():
+    pytest.importorskip("sglang")
+    from sglang.kernels.ops.attention.linear.fused_recurrent_linear_replayssm import (
+        fused_recurrent_gdn_replayssm_decode)
+
+    taken = set(inspect.signature(fused_recurrent_gdn_replayssm_decode).parameters)
+    assert {"mixed_qkv", "initial_state", "d_cache", "k_cache", "g_cache", "out",
+            "ssm_state_indices", "write_pos", "force_flush", "use_qk_l2norm_in_kernel"} <= taken

@@ -6,61 +6,32 @@ import pytest
 import torch
 
 import gdn_backend
-from gdn_backend.reference import gated_delta_rule_decode_reference
 from gdn_backend.reference_replayssm import replayssm_decode_reference
-from gdn_backend.testing import relative_error
+from gdn_backend.testing import RingPool, relative_error
 
 H, HV, K, V, L = 2, 4, 32, 16, 4
 SCALE = K**-0.5
 TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3}
 
 
-class RingPool:
-    """A pool of checkpoints with SGLang's per-slot rings, and the classic pool beside it."""
+def small_pool(slots, dtype=torch.float32, seed=0):
+    return RingPool(slots, H, HV, K, V, L, state_dtype=dtype, seed=seed)
 
-    def __init__(self, slots, dtype, seed):
-        self.gen = torch.Generator().manual_seed(seed)
-        self.dtype = dtype
-        self.checkpoint = (torch.randn(slots, HV, V, K, generator=self.gen) * 0.5).to(dtype)
-        self.classic = self.checkpoint.clone()
-        self.ring_d = torch.randn(slots, HV, L, V, generator=self.gen).to(dtype)  # stale
-        self.ring_k = torch.randn(slots, H, L, K, generator=self.gen).to(dtype)
-        self.ring_g = torch.randn(slots, HV, L, generator=self.gen)
-        self.write_pos = torch.zeros(slots, dtype=torch.int32)  # SGLang's pool cursor
-        self.A_log = (torch.rand(HV, generator=self.gen) * 15 + 1).log()
-        self.dt_bias = torch.randn(HV, generator=self.gen) * 0.5
 
-    def tokens(self, B):
-        q, k = (torch.randn(B, H, K, generator=self.gen).to(torch.bfloat16) for _ in range(2))
-        v = torch.randn(B, HV, V, generator=self.gen).to(torch.bfloat16)
-        a, b = (torch.randn(B, HV, generator=self.gen).to(torch.bfloat16) for _ in range(2))
-        return q, k, v, a, b
-
-    def step(self, slots, force=None):
-        """One token for requests on `slots` (-1: padding), both ways; returns the outputs."""
-        idx = torch.tensor(slots, dtype=torch.int32)
-        q, k, v, a, b = self.tokens(len(slots))
-        force_flush = None if force is None else torch.tensor(force, dtype=torch.int32)
-        snapshot = self.write_pos[idx.clamp(min=0).long()]
-        ring_out = torch.full((len(slots), HV, V), float("nan"), dtype=torch.bfloat16)
-        replayssm_decode_reference(q, k, v, a, b, self.A_log, self.dt_bias, self.checkpoint,
-                                   self.ring_d, self.ring_k, self.ring_g, snapshot, idx, ring_out,
-                                   scale=SCALE, force_flush=force_flush)
-        classic_out = torch.empty(len(slots), 1, HV, V, dtype=torch.bfloat16)
-        gated_delta_rule_decode_reference(
-            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), a.unsqueeze(1), b.unsqueeze(1),
-            self.A_log, self.dt_bias, self.classic, idx, classic_out, scale=SCALE)
-        # SGLang's backend advances its cursor after the step: 0 after a flush, else one on.
-        for n, slot in enumerate(slots):
-            if slot >= 0:
-                flushed = snapshot[n] == L - 1 or (force is not None and force[n])
-                self.write_pos[slot] = 0 if flushed else snapshot[n] + 1
-        return ring_out, classic_out[:, 0]
+def reference_step(pool, slot, cursor, flag=None):
+    """The reference on one request, called directly: returns its output [1, HV, V]."""
+    q, k, v, a, b = (x[:, 0] for x in pool.tokens(1))
+    out = torch.full((1, HV, V), float("nan"), dtype=torch.bfloat16)
+    replayssm_decode_reference(q, k, v, a, b, pool.A_log, pool.dt_bias, pool.checkpoint,
+                               *pool.rings, torch.tensor([cursor], dtype=torch.int32),
+                               torch.tensor([slot], dtype=torch.int32), out, scale=SCALE,
+                               error_flag=flag)
+    return out, (q, k, v, a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_ring_steps_give_the_classic_steps_outputs_and_checkpoints(dtype):
-    pool = RingPool(12, dtype, seed=1)
+    pool = small_pool(12, dtype, seed=1)
     gen = torch.Generator().manual_seed(2)
     for step in range(3 * L + 2):
         slots = (torch.randperm(11, generator=gen)[:5] + 1).tolist() + [-1]
@@ -74,7 +45,7 @@ def test_ring_steps_give_the_classic_steps_outputs_and_checkpoints(dtype):
 
 
 def test_a_natural_flush_folds_l_minus_1_records_and_the_token_into_the_checkpoint():
-    pool = RingPool(3, torch.float32, seed=3)
+    pool = small_pool(3, seed=3)
     before_ring, start = pool.ring_d.clone(), pool.checkpoint[1].clone()
     for _ in range(L - 1):
         pool.step([1])
@@ -87,41 +58,30 @@ def test_a_natural_flush_folds_l_minus_1_records_and_the_token_into_the_checkpoi
 
 
 def test_padding_rows_are_zero_and_touch_no_slot():
-    pool = RingPool(4, torch.float32, seed=4)
-    state = [t.clone() for t in (pool.checkpoint, pool.ring_d, pool.ring_k, pool.ring_g)]
+    pool = small_pool(4, seed=4)
+    state = [t.clone() for t in (pool.checkpoint, *pool.rings)]
     ring_out, _ = pool.step([-1, -1])
     assert (ring_out == 0).all()
-    for now, then in zip((pool.checkpoint, pool.ring_d, pool.ring_k, pool.ring_g), state):
+    for now, then in zip((pool.checkpoint, *pool.rings), state):
         assert torch.equal(now, then)
 
 
 @pytest.mark.parametrize("index, cursor", [(7, 0), (1, L), (1, -1)],
                          ids=["slot past the pool", "cursor past the ring", "negative cursor"])
 def test_a_bad_slot_or_cursor_is_skipped_and_sets_the_flag(index, cursor):
-    pool = RingPool(4, torch.float32, seed=5)
-    state = [t.clone() for t in (pool.checkpoint, pool.ring_d, pool.ring_k, pool.ring_g)]
-    q, k, v, a, b = pool.tokens(1)
-    out = torch.full((1, HV, V), float("nan"), dtype=torch.bfloat16)
+    pool = small_pool(4, seed=5)
+    state = [t.clone() for t in (pool.checkpoint, *pool.rings)]
     flag = torch.zeros(1, dtype=torch.int32)
-    replayssm_decode_reference(q, k, v, a, b, pool.A_log, pool.dt_bias, pool.checkpoint,
-                               pool.ring_d, pool.ring_k, pool.ring_g,
-                               torch.tensor([cursor], dtype=torch.int32),
-                               torch.tensor([index], dtype=torch.int32), out, scale=SCALE,
-                               error_flag=flag)
+    out, _ = reference_step(pool, index, cursor, flag)
     assert flag.item() == 1 and (out == 0).all()
-    for now, then in zip((pool.checkpoint, pool.ring_d, pool.ring_k, pool.ring_g), state):
+    for now, then in zip((pool.checkpoint, *pool.rings), state):
         assert torch.equal(now, then)
 
 
 def test_an_appended_record_is_the_tokens_update_key_and_log_decay():
-    pool = RingPool(3, torch.float32, seed=6)
-    q, k, v, a, b = pool.tokens(1)
-    out = torch.empty(1, HV, V, dtype=torch.bfloat16)
+    pool = small_pool(3, seed=6)
     S0 = pool.checkpoint[2].clone()
-    replayssm_decode_reference(q, k, v, a, b, pool.A_log, pool.dt_bias, pool.checkpoint,
-                               pool.ring_d, pool.ring_k, pool.ring_g,
-                               torch.zeros(1, dtype=torch.int32), torch.tensor([2]), out,
-                               scale=SCALE)
+    _, (q, k, v, a, b) = reference_step(pool, 2, 0)
     g, beta = gdn_backend.reference.gate_and_beta(a[0], b[0], pool.A_log, pool.dt_bias)
     k_hat = gdn_backend.reference.l2_normalize(k[0].float())
     kn = k_hat.repeat_interleave(HV // H, dim=0)
@@ -129,4 +89,3 @@ def test_an_appended_record_is_the_tokens_update_key_and_log_decay():
     assert relative_error(pool.ring_d[2, :, 0], d) < 1e-6
     assert relative_error(pool.ring_k[2, :, 0], k_hat) < 1e-6
     assert relative_error(pool.ring_g[2, :, 0], g) < 1e-6
-    assert torch.equal(pool.checkpoint[2], S0)  # no flush: the checkpoint stays

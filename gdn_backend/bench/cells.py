@@ -13,9 +13,15 @@ use it as a padding sink). Modes (SPEC.md):
   token t's state to slot [n, t], T fresh slots a request.
 - ragged: SGLang's ragged verify: request n has T - n % T tokens (T, T - 1, ..., 1, T, ...),
   in [1, N, ...] inputs with cu_seqlens, its states to intermediate rows.
+- replayssm: SGLang's ReplaySSM decode (--enable-linear-replayssm, rings of L = 16 in the
+  pool's dtype): one token, each request's cursor uniform over 0 .. L - 1 (the steady state:
+  a 16th of the requests flush each step), force flags given and zero.
 
 Bytes a valid request must move: one state read, plus one written for each state the mode
-keeps (decode 1, verify and slots T, ragged its length).
+keeps (decode 1, verify and slots T, ragged its length). ReplaySSM: the checkpoint read and
+its m records, then its record appended or, on a flush, the state written. Each cell's copy
+moves `copy_bytes`: its own bytes, but for ReplaySSM the classic decode step's (one state
+read and written), the floor that mode is to beat.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import math
 import torch
 
 from ..op import gated_delta_rule_decode, split_packed_qkv
+from ..replayssm import replayssm_decode
 
-MODES = ("decode", "verify", "slots", "ragged")
+MODES = ("decode", "verify", "slots", "ragged", "replayssm")
 SHAPES = {"TP1": (16, 32), "TP8": (2, 4)}
 POOLS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 K = V = 128
 COLD_BYTES = 256 << 20
 MAX_SETS = 1024
+RING = 16  # SGLang's default --linear-replayssm-cache-len
 
 
 def set_rows(t: torch.Tensor) -> torch.Tensor:
@@ -53,9 +61,9 @@ class Cell:
         self.valid = B - 1 if B >= 4 else B
         self.lengths = [T - n % T if mode == "ragged" else T for n in range(B)]
         writes = {"decode": [1] * B, "verify": [T] * B, "slots": [T] * B,
-                  "ragged": self.lengths}[mode]
+                  "ragged": self.lengths, "replayssm": [1] * B}[mode]
         self.slot_bytes = self.HV * V * K * POOLS[pool].itemsize
-        self.bytes = self.slot_bytes * sum(1 + w for w in writes[: self.valid])
+        self.bytes = self.copy_bytes = self.slot_bytes * sum(1 + w for w in writes[: self.valid])
         self.sets = max(2, min(MAX_SETS, math.ceil(COLD_BYTES / (self.valid * self.slot_bytes))))
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -95,6 +103,30 @@ class Cell:
         self.A_log = (torch.rand(self.HV, generator=gen) * 15 + 1).log().cuda()
         self.dt_bias = torch.randn(self.HV, generator=gen).cuda()
         self.out = torch.empty(*lead, self.HV, V, dtype=torch.bfloat16, device="cuda")
+        if mode == "replayssm":
+            self.make_rings(P, gen)
+
+    def make_rings(self, P: int, gen) -> None:
+        """ReplaySSM's rings for every slot, each set's cursors, and the bytes they move."""
+        assert self.T == 1
+        dtype = POOLS[self.pool_name]
+        self.ring_d = torch.randn(P, self.HV, RING, V, device="cuda").mul_(0.5).to(dtype)
+        keys = torch.randn(P, self.H, RING, K, device="cuda")
+        self.ring_k = (keys / keys.norm(dim=-1, keepdim=True)).to(dtype)
+        self.ring_g = -torch.rand(P, self.HV, RING, device="cuda")
+        cursors = torch.randint(0, RING, (self.sets, self.B), generator=gen)
+        self.cursors = set_rows(cursors.to(torch.int32))
+        self.force = torch.zeros(self.B, dtype=torch.int32, device="cuda")
+        record = (self.HV * V + self.H * K) * dtype.itemsize + self.HV * 4
+        m = cursors[:, : self.valid].double()
+        flushes = (m == RING - 1).double()
+        per_set = (self.valid * self.slot_bytes + m.sum(1) * record
+                   + flushes.sum(1) * self.slot_bytes + (1 - flushes).sum(1) * record)
+        self.bytes = int(per_set.mean())
+
+    @property
+    def rings(self) -> tuple:
+        return self.ring_d, self.ring_k, self.ring_g
 
     @property
     def warmup_options(self) -> dict:
@@ -104,6 +136,15 @@ class Cell:
 
     def ours(self, i: int) -> None:
         """gdn_backend's op on slot set i."""
+        if self.mode == "replayssm":
+            replayssm_decode(self.q, self.k, self.v, self.a, self.b, self.A_log, self.dt_bias,
+                             self.pool, *self.rings, self.cursors[i], self.indices[i],
+                             force_flush=self.force, out=self.out)
+            return
+        self.classic(i)
+
+    def classic(self, i: int) -> None:
+        """gdn_backend's classic op (the pool's states read and written) on slot set i."""
         options = {}
         if self.inter is not None:
             options = dict(intermediate_states=self.inter, intermediate_indices=self.inter_rows[i],
@@ -113,10 +154,10 @@ class Cell:
                                 num_accepted_tokens=self.accepted, cu_seqlens=self.cu_seqlens,
                                 **options)
 
-    def copy_of_same_bytes(self):
-        """fn(i): a device copy moving as many bytes as set i's step must (read + write), from
-        and to a buffer of its own for every set (cold both ways)."""
-        n = self.bytes // 2 // 4
+    def copy_of(self, nbytes: int):
+        """fn(i): a device copy moving `nbytes` (read + write), from and to a buffer of its own
+        for every set (cold both ways)."""
+        n = nbytes // 2 // 256 * 64  # whole 256-byte rows: every set's buffer stays aligned
         src = torch.randint(-(1 << 30), 1 << 30, (self.sets, n), dtype=torch.int32, device="cuda")
         dst = torch.empty_like(src)
         return lambda i: dst[i].copy_(src[i])

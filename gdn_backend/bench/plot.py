@@ -5,7 +5,10 @@ from __future__ import annotations
 LABELS = {"ours_us": "gdn_backend", "sglang_us": "SGLang's Triton kernels",
           "vllm_us": "vLLM's Triton verify",
           "flashinfer_us": "FlashInfer", "torch_us": "PyTorch gather-step-scatter",
-          "fla_us": "FLA fused_recurrent + gather/scatter"}
+          "fla_us": "FLA fused_recurrent + gather/scatter",
+          "classic_us": "gdn_backend, classic decode",
+          "sglang_classic_us": "SGLang's Triton, classic decode",
+          "own_copy_us": "copy of the bytes ReplaySSM moves"}
 
 
 def plot(result: dict, path: str) -> None:

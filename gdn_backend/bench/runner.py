@@ -6,7 +6,8 @@ of scattered slots, at least 256 MiB of state in all, so no slot is still cached
 read again. The time of a cell is the median replay over the launches in it. Beside every
 cell the same graph method times a plain device copy of the bytes that cell's mode must
 move (one state read, one written for each state it keeps): the floor a step is held
-against. The copy ceiling (the best of 256 MiB to 1 GiB device copies) is measured once.
+against; ReplaySSM cells are held against the classic decode step's bytes, and time beside
+them a copy of their own bytes and the classic step, ours and SGLang's. The copy ceiling (the best of 256 MiB to 1 GiB device copies) is measured once.
 
 Peers, in the same process, where they import and serve the mode (each its own module):
 SGLang's own Triton kernels, on the pool in place, called as SGLang calls them (sglang.py
@@ -30,15 +31,16 @@ import torch
 
 from ..kernels.heuristics import serves
 from ..op import warmup
+from ..replayssm import warmup_replayssm
 from . import fla, flashinfer, sglang, torch_step, vllm
-from .cells import MODES, POOLS, SHAPES, Cell
+from .cells import MODES, POOLS, RING, SHAPES, Cell
 from .plot import plot
 from .tiles import forced_tile, parse_tile, tile_name
 from .timing import copy_ceiling_tbps, time_graph
 
 BATCHES = (1, 4, 16, 32, 64, 128, 256)
 TOKENS = {"decode": (1, 2, 4), "verify": (2, 3, 4, 8), "slots": (2, 3, 4, 8),
-          "ragged": (2, 3, 4, 8)}
+          "ragged": (2, 3, 4, 8), "replayssm": (1,)}
 # Peers by the key of their time in a row. Gather/scatter peers allocate inside the graph,
 # so they replay fewer sets.
 PEERS = {"sglang_us": sglang, "vllm_us": vllm, "flashinfer_us": flashinfer,
@@ -63,6 +65,11 @@ def run(modes, shapes, pools, batches, tokens, replays: int, peers: bool, tiles=
                             warmup(device="cuda", num_heads=cell.H, num_v_heads=cell.HV,
                                    state_dtype=POOLS[pool], dt_bias_dtype=torch.float32,
                                    tokens=(T,), **cell.warmup_options)
+                            if mode == "replayssm":
+                                warmup_replayssm(device="cuda", num_heads=cell.H,
+                                                 num_v_heads=cell.HV, ring_len=RING,
+                                                 state_dtype=POOLS[pool],
+                                                 dt_bias_dtype=torch.float32)
                         row = time_cell(cell, present, replays, tiles)
                         row["pct_ceiling"] = 100 * row["tbps"] / ceiling
                         rows.append(row)
@@ -79,10 +86,16 @@ def run(modes, shapes, pools, batches, tokens, replays: int, peers: bool, tiles=
 
 def time_cell(cell: Cell, peers: dict, replays: int, tiles=()) -> dict:
     ours = time_graph(cell.ours, cell.sets, replays)
-    copy = time_graph(cell.copy_of_same_bytes(), cell.sets, replays)
+    copy = time_graph(cell.copy_of(cell.copy_bytes), cell.sets, replays)
     row = dict(mode=cell.mode, shape=cell.shape, pool=cell.pool_name, T=cell.T, B=cell.B,
                valid=cell.valid, bytes=cell.bytes, sets=cell.sets, ours_us=ours, copy_us=copy,
                ratio=ours / copy, tbps=cell.bytes / (ours * 1e-6) / 1e12)
+    if cell.mode == "replayssm":
+        # Beside it: a copy of the bytes it moves itself, and the classic step, ours and SGLang's.
+        row["own_copy_us"] = time_graph(cell.copy_of(cell.bytes), cell.sets, replays)
+        row["classic_us"] = time_graph(cell.classic, cell.sets, replays)
+        if "sglang_us" in peers:
+            row["sglang_classic_us"] = time_graph(sglang.packed_decode(cell), cell.sets, replays)
     for tile in tiles:
         if serves(tile, cell.T, cell.pool.element_size(), cell.inter is not None,
                   cell.mode == "slots", cell.mode == "ragged"):
@@ -112,6 +125,8 @@ def format_row(r: dict, peers=PEERS) -> str:
             return f" | {'-':>10} {'-':>6}"
         return f" | {r[key]:10.2f} {r[key] / r['copy_us']:5.2f}x"
     tiles = "".join(f" | {name} {us / r['copy_us']:5.2f}x" for name, us in r.get("tile_us", {}).items())
+    tiles += "".join(f" | {key.removesuffix('_us')} {r[key] / r['copy_us']:5.2f}x"
+                     for key in ("own_copy_us", "classic_us", "sglang_classic_us") if key in r)
     return (f"{r.get('mode', 'decode'):6} {r['shape']:5} {r['pool']:4} {r['T']:>1} {r['B']:>4} | "
             f"{r['ours_us']:8.2f} {r['copy_us']:8.2f} {r['ratio']:5.2f}x {r['tbps']:5.2f} "
             f"{r['pct_ceiling']:5.1f}{''.join(peer(key) for key in peers)}{tiles}")

@@ -31,9 +31,11 @@ KERNEL_FILES = (
     "kernels/ops/attention/fla/utils.py",
     "kernels/ops/attention/fla/fused_recurrent.py",
     "kernels/ops/attention/linear/fused_sigmoid_gating_recurrent.py",
+    "kernels/ops/attention/linear/fused_recurrent_linear_replayssm.py",
 )
 PACKED = "sglang.kernels.ops.attention.fla.fused_recurrent"
 UNPACKED = "sglang.kernels.ops.attention.linear.fused_sigmoid_gating_recurrent"
+RING = "sglang.kernels.ops.attention.linear.fused_recurrent_linear_replayssm"
 
 # Stand-ins for the SGLang helpers the kernel modules import: device and version queries.
 HELPERS = {
@@ -70,6 +72,7 @@ def available() -> bool:
     try:
         __import__(PACKED)
         __import__(UNPACKED)
+        __import__(RING)
         return True
     except Exception:
         return False
@@ -79,8 +82,8 @@ IN_PLACE = True
 
 
 def serves(cell) -> bool:
-    """Decode, chain verify, ragged verify."""
-    return cell.mode in ("decode", "verify", "ragged")
+    """Decode, chain verify, ragged verify, ReplaySSM decode."""
+    return cell.mode in ("decode", "verify", "ragged", "replayssm")
 
 
 def step(cell):
@@ -89,6 +92,8 @@ def step(cell):
     (docs/perf_log.md, 2026-12-01), and SGLang does not use it so on CUDA by default."""
     if cell.mode == "decode":
         return packed_decode(cell) if cell.T == 1 else unpacked_decode(cell)
+    if cell.mode == "replayssm":
+        return replayssm_decode(cell)
     return target_verify(cell)
 
 
@@ -108,6 +113,25 @@ def packed_decode(cell):
             mixed_qkv=mixed, a=a, b=b, A_log=cell.A_log, dt_bias=cell.dt_bias, scale=K**-0.5,
             initial_state=cell.pool, out=out, ssm_state_indices=cell.indices[i],
             use_qk_l2norm_in_kernel=True)
+    return run
+
+
+def replayssm_decode(cell):
+    """fn(i): SGLang's ReplaySSM decode of cell's batch on slot set i, as its TritonGDNKernel
+    calls it with --enable-linear-replayssm: the packed conv rows, the rings, the cursors."""
+    from sglang.kernels.ops.attention.linear.fused_recurrent_linear_replayssm import (
+        fused_recurrent_gdn_replayssm_decode)
+
+    K = cell.q.shape[-1]
+    mixed, a, b = cell.mixed[:, 0], cell.a[:, 0], cell.b[:, 0]
+    out = torch.empty(cell.B, 1, cell.HV, cell.v.shape[-1], dtype=cell.out.dtype, device=cell.out.device)
+
+    def run(i: int) -> None:
+        fused_recurrent_gdn_replayssm_decode(
+            mixed_qkv=mixed, a=a, b=b, A_log=cell.A_log, dt_bias=cell.dt_bias, scale=K**-0.5,
+            initial_state=cell.pool, d_cache=cell.ring_d, k_cache=cell.ring_k,
+            g_cache=cell.ring_g, out=out, ssm_state_indices=cell.indices[i],
+            write_pos=cell.cursors[i], force_flush=cell.force, use_qk_l2norm_in_kernel=True)
     return run
 
 

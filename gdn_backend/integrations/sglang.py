@@ -24,6 +24,7 @@ import torch
 
 from ..kernels.launch import SUPPORTED_HEAD_DIMS
 from ..op import gated_delta_rule_decode, split_packed_qkv
+from ..replayssm import replayssm_decode
 
 
 def _kernel_base() -> type:
@@ -42,16 +43,21 @@ BACKEND_NAME = "gdn_backend"
 FLAG = f"--linear-attn-decode-backend {BACKEND_NAME}"
 RAGGED_VERIFY_ENV = "SGLANG_RAGGED_VERIFY_MODE"
 DISPATCHER_INIT = "sglang.srt.layers.attention.linear.gdn_backend.GDNKernelDispatcher.__init__"
+LINEAR_ATTN_CHECKS = "handle_linear_attn_backend"  # SGLang's resolution step for these flags
+
+
+RING_ARGS = ("replayssm_d", "replayssm_k", "replayssm_g", "replayssm_write_pos")
 
 
 def _refuse_unserved(kwargs: dict) -> None:
-    """SGLang's experimental ReplaySSM buffers need a kernel that serves them; this one does not."""
+    """ReplaySSM buffers reach only packed decode in SGLang 0.5.23; anywhere else they would
+    mean a mode this adapter does not serve."""
     served = [name for name, value in kwargs.items()
               if name.startswith("replayssm_") and value is not None]
     if served:
         raise NotImplementedError(
-            f"gdn_backend does not serve SGLang's ReplaySSM mode (got {', '.join(served)}): "
-            f"turn off --enable-linear-replayssm / --enable-linear-replayssm-spec, or drop {FLAG}")
+            f"gdn_backend serves SGLang's ReplaySSM decode through packed decode only (got "
+            f"{', '.join(served)} here): turn off --enable-linear-replayssm-spec, or drop {FLAG}")
 
 
 class GDNBackendKernel(_kernel_base()):
@@ -70,14 +76,29 @@ class GDNBackendKernel(_kernel_base()):
 
     def packed_decode(self, mixed_qkv, a, b, *, A_log, dt_bias, scale, ssm_states,
                       cache_indices, num_v_heads, head_v_dim, **kwargs):
-        """One token per request from the conv output rows [B, 2HK + HV V]; returns [1, B, HV, V]."""
+        """One token per request from the conv output rows [B, 2HK + HV V]; returns [1, B, HV, V].
+
+        With --enable-linear-replayssm SGLang hands this layer's rings and its cursor
+        snapshot too (kwargs replayssm_d, _k, _g, _write_pos, _force_flush): the step
+        then runs on them, the pool holding checkpoints.
+        """
+        rings = [kwargs.pop(name, None) for name in RING_ARGS]
+        force_flush = kwargs.pop("replayssm_force_flush", None)
         _refuse_unserved(kwargs)
         K = ssm_states.shape[-1]
         H = (mixed_qkv.shape[-1] - num_v_heads * head_v_dim) // (2 * K)
         q, k, v = split_packed_qkv(mixed_qkv.unsqueeze(1), H, num_v_heads, K, head_v_dim)
-        out = gated_delta_rule_decode(
-            q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, ssm_states, cache_indices,
-            scale=scale)
+        if any(t is not None for t in rings):
+            if any(t is None for t in rings):
+                raise ValueError(f"SGLang's ReplaySSM decode needs all of {', '.join(RING_ARGS)}; "
+                                 f"got only {', '.join(n for n, t in zip(RING_ARGS, rings) if t is not None)}")
+            out = replayssm_decode(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias,
+                                   ssm_states, *rings, cache_indices, scale=scale,
+                                   force_flush=force_flush)
+        else:
+            out = gated_delta_rule_decode(
+                q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, ssm_states,
+                cache_indices, scale=scale)
         return out.transpose(0, 1)
 
     def decode(self, q, k, v, a, b, *, A_log, dt_bias, ssm_states, cache_indices,
@@ -201,12 +222,43 @@ def _dispatcher_init(original, self, decode_backend, prefill_backend, verify_bac
                 " and chain verify" if serve_verify else "")
 
 
+def _linear_attn_checks(server_args, previous) -> None:
+    """SGLang's resolution step for the linear-attention flags, with gdn_backend accepted
+    for ReplaySSM decode.
+
+    SGLang's step lists the decode kernels that serve --enable-linear-replayssm (triton,
+    helion) and raises for any other. gdn_backend serves it too: the step runs with the
+    decode choice declared as triton, so that every other ReplaySSM guard still applies,
+    and the choice is declared back to gdn_backend after it. The spec ring
+    (--enable-linear-replayssm-spec) is not served and keeps SGLang's error.
+    """
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+    from sglang.srt.arg_groups.overrides import declare_resolution
+
+    cfg = resolving_view(server_args)
+    decode = cfg.linear_attn_decode_backend or cfg.linear_attn_backend
+    if decode != BACKEND_NAME or not cfg.enable_linear_replayssm:
+        return previous(server_args)
+    declare_resolution(server_args, __name__, linear_attn_decode_backend="triton")
+    previous(server_args)
+    declare_resolution(server_args, __name__, linear_attn_decode_backend=BACKEND_NAME)
+
+
+_registered = False
+
+
 def register() -> None:
     """SGLang general-plugin entry point (group `sglang.srt.plugins`)."""
+    global _registered
     from sglang.srt.arg_groups.choices import (
         LINEAR_ATTN_KERNEL_BACKEND_CHOICES, add_linear_attn_kernel_backend_choices)
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     if BACKEND_NAME not in LINEAR_ATTN_KERNEL_BACKEND_CHOICES:
         add_linear_attn_kernel_backend_choices([BACKEND_NAME])
+    if _registered:  # SGLang calls plugins once a process; tests may call again
+        return
     HookRegistry.register(DISPATCHER_INIT, _dispatcher_init, HookType.AROUND)
+    register_resolution_hook(LINEAR_ATTN_CHECKS)(_linear_attn_checks)
+    _registered = True

@@ -46,6 +46,11 @@ class KernelConfig:
     tensor_cores: bool = False            # decode_mma.py (bf16 pools, T <= 4) rather than decode.py
     per_token_slots: bool = False         # state_indices [B, T] with num_accepted_tokens [B]
     ragged: bool = False                  # cu_seqlens [B + 1] over [1, N, ...] token inputs
+    # ReplaySSM decode (replayssm_decode.py) on rings of ring_len records when > 0.
+    ring_len: int = 0
+    ring_dtype: torch.dtype | None = None  # the d and k rings'
+    force_flush: bool = False              # a per-request flag can force the flush
+    ring_vectorized: bool = True           # ring keys allow vector reads of K/32 elements
 
 
 def qk_chunk(head_k_dim: int) -> int:
@@ -123,8 +128,32 @@ def fake_arguments(cfg: KernelConfig) -> tuple:
     if cfg.ragged:
         cu_seqlens = fake(cutlass.Int32, (cute.sym_int(),), stride=(1,), assumed_align=4)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    tail = (cutlass.Float32(1.0), cutlass.Int32(0), stream)
+    if cfg.ring_len:
+        return (q, k, v, a, b, A_log, dt_bias, pool, idx, out, flag, *fake_rings(cfg), *tail)
     return (q, k, v, a, b, A_log, dt_bias, pool, idx, out, flag, inter, inter_idx, accepted,
-            cu_seqlens, cutlass.Float32(1.0), cutlass.Int32(0), stream)
+            cu_seqlens, *tail)
+
+
+def fake_rings(cfg: KernelConfig) -> tuple:
+    """ReplaySSM's rings d [P, HV, L, V], k [P, H, L, K], g [P, HV, L], the cursors [B] and
+    the force-flush flags [B] (or None): slot strides symbolic, each slot dense."""
+    import cutlass
+    import cutlass.cute as cute
+
+    H, HV, K, V, L = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim, cfg.ring_len
+    fake = cute.runtime.make_fake_tensor
+    ring = _cute_dtype(cfg.ring_dtype)
+    size = cfg.ring_dtype.itemsize
+    chunk = qk_chunk(K) if cfg.ring_vectorized else 1
+    P, B = cute.sym_int(), cute.sym_int()
+    ring_d = fake(ring, (P, HV, L, V), stride=(cute.sym_int64(), L * V, V, 1), assumed_align=size)
+    ring_k = fake(ring, (P, H, L, K), stride=(cute.sym_int64(divisibility=chunk), L * K, K, 1),
+                  assumed_align=chunk * size)
+    ring_g = fake(cutlass.Float32, (P, HV, L), stride=(cute.sym_int64(), L, 1), assumed_align=4)
+    cursor = fake(cutlass.Int32, (B,), stride=(1,), assumed_align=4)
+    force = fake(cutlass.Int32, (B,), stride=(1,), assumed_align=4) if cfg.force_flush else None
+    return ring_d, ring_k, ring_g, cursor, force
 
 
 def build(cfg: KernelConfig):
@@ -133,6 +162,7 @@ def build(cfg: KernelConfig):
 
     from .decode import GatedDeltaRuleDecode
     from .decode_mma import GatedDeltaRuleDecodeMMA
+    from .replayssm_decode import ReplaySSMDecode
 
     options = dict(
         num_heads=cfg.num_heads, num_v_heads=cfg.num_v_heads, head_k_dim=cfg.head_k_dim,
@@ -141,8 +171,12 @@ def build(cfg: KernelConfig):
         update_state=cfg.update_state, use_pdl=cfg.use_pdl, prefetch_state=cfg.state_vectorized,
         per_token_slots=cfg.per_token_slots, ragged=cfg.ragged,
     )
-    kind = GatedDeltaRuleDecodeMMA if cfg.tensor_cores else GatedDeltaRuleDecode
-    kernel = kind(rows_per_thread=cfg.rows_per_thread, **options)
+    if cfg.ring_len:
+        kernel = ReplaySSMDecode(rows_per_thread=cfg.rows_per_thread, ring_len=cfg.ring_len,
+                                 force_flush=cfg.force_flush, **options)
+    else:
+        kind = GatedDeltaRuleDecodeMMA if cfg.tensor_cores else GatedDeltaRuleDecode
+        kernel = kind(rows_per_thread=cfg.rows_per_thread, **options)
     return cute.compile(kernel, *fake_arguments(cfg), options="--enable-tvm-ffi")
 
 

@@ -227,14 +227,19 @@ class GatedDeltaRuleDecode:
                                             self.unit_vector(q_frag, scale), warp_lane)
                 if const_expr(gates):
                     if warp_lane < T:  # lane t: token t's decay and beta
-                        x = Float32(a_raw) + Float32(dt_bias)
-                        softplus = x
-                        if x <= Float32(SOFTPLUS_THRESHOLD):
-                            softplus = Float32(cute.math.log(Float32(1.0) + Float32(cute.math.exp(x))))
                         sGate[DECAY, warp_lane] = Float32(cute.math.exp(
-                            -Float32(cute.math.exp(Float32(a_log))) * softplus))
+                            self.log_decay(a_raw, dt_bias, a_log)))
                         sGate[BETA, warp_lane] = Float32(1.0) / (
                             Float32(1.0) + Float32(cute.math.exp(-Float32(b_raw))))
+
+    @cute.jit
+    def log_decay(self, a_raw, dt_bias, a_log) -> Float32:
+        """g = -exp(A_log) softplus(a + dt_bias): a token's log-decay."""
+        x = Float32(a_raw) + Float32(dt_bias)
+        softplus = x
+        if x <= Float32(SOFTPLUS_THRESHOLD):
+            softplus = Float32(cute.math.log(Float32(1.0) + Float32(cute.math.exp(x))))
+        return -Float32(cute.math.exp(Float32(a_log))) * softplus
 
     def allocate_units(self, smem):
         """Shared memory for the staged k̂ and q̂: sUnit[:, 0, t] = k̂ of token t, [:, 1, t] = q̂."""
@@ -288,6 +293,30 @@ class GatedDeltaRuleDecode:
         if n < mIdx.shape[0]:
             self.prefetch_l2(mPool, self.read_slot(mIdx, mAccepted, n),
                              (later // self.tiles) % self.HV, later % self.tiles, min_valid_slot)
+
+    @cute.jit
+    def begin(self, mPool: cute.Tensor, mIdx: cute.Tensor, mAccepted: cute.Tensor, bid: Int32,
+              n, hv, tile, tidx: Int32, min_valid_slot: Int32) -> Int64:
+        """The launch prologue: the wait for the previous kernel (programmatic dependent
+        launch), then the slot this CTA reads and the L2 prefetch for a later CTA."""
+        if const_expr(self.use_pdl):
+            # While the previous kernel finishes: pull this CTA's state into L2, if no
+            # earlier CTA of this grid prefetches it (per-token slots: the slot is two
+            # dependent reads away, too late to matter).
+            if const_expr(self.prefetch_ahead > 0 and not self.per_token_slots):
+                if bid < self.prefetch_ahead:
+                    self.prefetch_tile(mPool, mIdx, n, hv, tile, tidx, min_valid_slot)
+            # Everything below may read what the previous kernel wrote.
+            cute.arch.griddepcontrol_wait()
+            # Let the next launch start its own prefetch now. Not before the wait: then
+            # launches would chain ahead without bound, each holding SM slots while waiting.
+            cute.arch.griddepcontrol_launch_dependents()
+
+        slot = self.read_slot(mIdx, mAccepted, n)
+        if const_expr(self.prefetch_ahead > 0):
+            if tidx == 0:
+                self.prefetch_later_tile(mPool, mIdx, mAccepted, bid, min_valid_slot)
+        return slot
 
     @cute.jit
     def read_slot(self, mIdx: cute.Tensor, mAccepted: cute.Tensor, n) -> Int64:
@@ -354,23 +383,7 @@ class GatedDeltaRuleDecode:
         sGate = smem.allocate_tensor(Float32, cute.make_layout((3, T), stride=(T, 1)),
                                      byte_alignment=16)
 
-        if const_expr(self.use_pdl):
-            # While the previous kernel finishes: pull this CTA's state into L2, if no
-            # earlier CTA of this grid prefetches it (per-token slots: the slot is two
-            # dependent reads away, too late to matter).
-            if const_expr(self.prefetch_ahead > 0 and not self.per_token_slots):
-                if bid < self.prefetch_ahead:
-                    self.prefetch_tile(mPool, mIdx, n, hv, tile, tidx, min_valid_slot)
-            # Everything below may read what the previous kernel wrote.
-            cute.arch.griddepcontrol_wait()
-            # Let the next launch start its own prefetch now. Not before the wait: then
-            # launches would chain ahead without bound, each holding SM slots while waiting.
-            cute.arch.griddepcontrol_launch_dependents()
-
-        slot = self.read_slot(mIdx, mAccepted, n)
-        if const_expr(self.prefetch_ahead > 0):
-            if tidx == 0:
-                self.prefetch_later_tile(mPool, mIdx, mAccepted, bid, min_valid_slot)
+        slot = self.begin(mPool, mIdx, mAccepted, bid, n, hv, tile, tidx, min_valid_slot)
         valid = slot >= Int64(min_valid_slot) and slot < Int64(mPool.shape[0])
         out_of_range = slot >= Int64(mPool.shape[0])
         inter_row = Int64(n)

@@ -22,6 +22,8 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
   profiled). Not measured for more value heads a request or for per-token slots (where
   8x1 lost at T = 4), so not applied there.
 - Otherwise, several tokens: 2 rows a thread (about 85 registers, 128 threads).
+
+ReplaySSM decode has rules of its own (`choose_ring_tile`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ LARGE = Tile(rows_per_cta=32, rows_per_thread=2)   # 128 threads, 4 CTAs per hea
 TINY = Tile(rows_per_cta=8, rows_per_thread=1)     # 64 threads, 16 CTAs per head
 MMA = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)       # 64 threads
 MMA_WIDE = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)  # 128 threads
+RING_WIDE = Tile(rows_per_cta=64, rows_per_thread=4)  # 128 threads, 2 CTAs per head
 TILES = (WIDE, LARGE, TINY, MMA, MMA_WIDE)
+# ReplaySSM decode: 64-row tiles from this many heads (B x HV).
+RING_WIDE_FROM_HEADS = 512
 
 
 def serves(tile: Tile, tokens: int, state_bytes: int, intermediate: bool = False,
@@ -96,4 +101,22 @@ def tiles_for(num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,
     """Every tile `choose_tile` can return for some batch size: what warm-up compiles."""
     return tuple(dict.fromkeys(choose_tile(b, num_v_heads, head_v_dim, tokens, state_bytes,
                                            intermediate, per_token_slots, ragged)
+                               for b in range(1, 4097)))
+
+
+def choose_ring_tile(batch: int, num_v_heads: int, head_v_dim: int) -> Tile:
+    """The tile for ReplaySSM decode (replayssm_decode.py). Each CTA carries a fixed cost on
+    top of its rows (the records' key dots, ~300 instructions a warp: ncu, H200), so larger
+    tiles pay where the batch fills the GPU (sweep, docs/performance.md: 64 x 4 best or
+    within 0.01 of it from 512 heads on, 32 x 2 best or near it below, down to the
+    latency-bound batches that take 8-row tiles as decode does)."""
+    heads = batch * num_v_heads
+    if heads * (head_v_dim // LARGE.rows_per_cta) < NUM_SMS:
+        return TINY
+    return RING_WIDE if heads >= RING_WIDE_FROM_HEADS else LARGE
+
+
+def ring_tiles_for(num_v_heads: int, head_v_dim: int) -> tuple[Tile, ...]:
+    """Every tile `choose_ring_tile` can return for some batch size."""
+    return tuple(dict.fromkeys(choose_ring_tile(b, num_v_heads, head_v_dim)
                                for b in range(1, 4097)))

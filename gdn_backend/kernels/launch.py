@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import torch
 
-from ..validation import Call, Problem
+from ..validation import Call, Problem, RingCall
 from . import compile as _compile
-from .heuristics import choose_tile, tiles_for
+from .heuristics import choose_ring_tile, choose_tile, ring_tiles_for, tiles_for
 
 SUPPORTED_HEAD_DIMS = (128,)
 
@@ -81,13 +81,37 @@ def gated_delta_rule_decode(call: Call, error_flag: torch.Tensor) -> None:
 
 def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
     """`base` at every tile the heuristic can choose for some batch size."""
+    if base.ring_len:
+        tiles = ring_tiles_for(base.num_v_heads, base.head_v_dim)
+    else:
+        tiles = tiles_for(base.num_v_heads, base.head_v_dim, base.tokens,
+                          base.state_dtype.itemsize, base.intermediate is not None,
+                          per_token_slots=base.per_token_slots, ragged=base.ragged)
     return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread,
-                    tensor_cores=t.tensor_cores)
-            for t in tiles_for(base.num_v_heads, base.head_v_dim, base.tokens,
-                               base.state_dtype.itemsize, base.intermediate is not None,
-                               per_token_slots=base.per_token_slots, ragged=base.ragged)]
+                    tensor_cores=t.tensor_cores) for t in tiles]
 
 
 def compile_ahead(base: _compile.KernelConfig) -> None:
     for cfg in warmup_configs(base):
         _compile.CACHE.get(cfg)
+
+
+def replayssm_config(rc: RingCall) -> _compile.KernelConfig:
+    """The one-token decode's configuration, on rings, at the ReplaySSM tile."""
+    p = rc.call.problem
+    tile = choose_ring_tile(p.batch, p.num_v_heads, p.head_v_dim)
+    chunk = _compile.qk_chunk(p.head_k_dim)
+    return replace(config_for(rc.call), rows_per_cta=tile.rows_per_cta,
+                   rows_per_thread=tile.rows_per_thread, tensor_cores=False,
+                   ring_len=rc.ring_len, ring_dtype=rc.ring_d.dtype,
+                   force_flush=rc.force_flush is not None,
+                   ring_vectorized=_aligned(rc.ring_k, chunk, rc.ring_k.stride()[:1]))
+
+
+def replayssm_decode(rc: RingCall, error_flag: torch.Tensor) -> None:
+    c = rc.call
+    check_supported(c.problem, c.state_pool.device)
+    kernel = _compile.CACHE.get(replayssm_config(rc))
+    kernel(c.q, c.k, c.v, c.a, c.b, c.A_log, c.dt_bias, c.state_pool, c.state_indices, c.out,
+           error_flag, rc.ring_d, rc.ring_k, rc.ring_g, rc.write_pos, rc.force_flush, c.scale,
+           c.min_valid_slot)

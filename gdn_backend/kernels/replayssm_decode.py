@@ -1,0 +1,295 @@
+"""ReplaySSM decode (SGLang's --enable-linear-replayssm) in the CuTe DSL, for sm_90+.
+
+The pool holds a checkpoint S0 for each slot and the slot's ring the m update records
+since (reference_replayssm.py has the math and the layouts). A step reads S0 and the m
+records, runs its token and appends its record at position m, writing no state; when the
+ring is full (m = L - 1) or the step is forced to, it writes the state after its token to
+the checkpoint instead and appends nothing. The state is read every step and written once
+in L steps.
+
+The CTA layout, the state loads and the staging of the token's inputs are
+GatedDeltaRuleDecode's, at T = 1. The records enter the token's two matrix-vector
+products in factored form,
+    S k̂ = A (S0 k̂) + Σ_j W_j d_j (k_j·k̂),   A = Π_j α_j,   W_j = Π_{i>j} α_i,
+so a step costs two dot products of K per record, not a rebuild of S; only a flush
+rebuilds S in registers (m rank-1 updates) before writing it.
+
+Work split: each row group of 8 lanes takes every `groups`-th record, reads its key in
+the lanes' columns and computes W_j (k_j·k̂) and W_j (k_j·q̂) into shared memory with the
+8-lane reduction a state row takes; lane l of a row's group holds d_j of that row for the
+records j = l, l + 8, ..., so the records' terms join the row sums that S0's terms
+already take.
+
+Padding, out-of-range slots and cursors outside 0 .. L - 1 are decided here as in the
+classic kernel: zero output, nothing read or written, the error flag for the last two.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, const_expr
+
+from ..validation import MAX_RING
+from .decode import BETA, DECAY, KQ, SMEM_SKEW, SMEM_SKEW_EVERY, GatedDeltaRuleDecode
+from .heuristics import LANES_PER_ROW
+# Rows of the per-record scalars in shared memory.
+WEIGHT, KEY_K, KEY_Q = range(3)
+
+
+class ReplaySSMDecode(GatedDeltaRuleDecode):
+    """GatedDeltaRuleDecode's tile at T = 1, on a checkpoint and its ring of L records.
+
+    ring_len: L, records a slot's ring holds (1 .. 32). force_flush: the call passes a
+    per-request flag that forces the flush (SGLang's radix-cache track boundaries).
+    """
+
+    def __init__(self, *, ring_len: int, force_flush: bool, tokens: int = 1, **options):
+        assert tokens == 1 and 1 <= ring_len <= MAX_RING
+        super().__init__(tokens=1, **options)
+        assert not (self.intermediate or self.per_token_slots or self.ragged)
+        self.L = ring_len
+        self.force_flush = force_flush
+        # Records each lane of a row's group holds, and the record places that covers.
+        self.records_per_lane = -(-ring_len // LANES_PER_ROW)
+        self.places = self.records_per_lane * LANES_PER_ROW
+        # Rounds in which the row groups take a record each, to cover every place.
+        self.key_rounds = -(-self.places // self.groups)
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,          # [B, 1, H, K]
+        mK: cute.Tensor,          # [B, 1, H, K]
+        mV: cute.Tensor,          # [B, 1, HV, V]
+        mA: cute.Tensor,          # [B, 1, HV]
+        mB: cute.Tensor,          # [B, 1, HV]
+        mALog: cute.Tensor,       # [HV]
+        mDtBias: cute.Tensor,     # [HV]
+        mPool: cute.Tensor,       # [P, HV, V, K] checkpoints
+        mIdx: cute.Tensor,        # [B]
+        mOut: cute.Tensor,        # [B, 1, HV, V]
+        mFlag: cute.Tensor,       # [1] int32
+        mRingD: cute.Tensor,      # [P, HV, L, V]
+        mRingK: cute.Tensor,      # [P, H, L, K]
+        mRingG: cute.Tensor,      # [P, HV, L] float32
+        mCursor: cute.Tensor,     # [B] int32: records in request n's ring
+        mForce: cute.Tensor,      # [B] int32, or None
+        scale: Float32,
+        min_valid_slot: Int32,
+        stream,
+    ):
+        grid = [mIdx.shape[0] * self.HV * self.tiles, 1, 1]
+        self.kernel(
+            mQ, mK, mV, mA, mB, mALog, mDtBias, mPool, mIdx, mOut, mFlag, mRingD, mRingK,
+            mRingG, mCursor, mForce, scale, min_valid_slot,
+        ).launch(grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes(), stream=stream,
+                 use_pdl=self.use_pdl)
+
+    def key_layout(self):
+        """(K, places): the records' keys in float32, skewed like the staged k̂ and q̂."""
+        return cute.make_layout(((SMEM_SKEW_EVERY, self.K // SMEM_SKEW_EVERY), self.places),
+                                stride=((1, SMEM_SKEW_EVERY + SMEM_SKEW), self.unit_row_words()))
+
+    def smem_bytes(self) -> int:
+        return super().smem_bytes() + (self.unit_row_words() + 3) * self.places * 4 + 32
+
+    @cute.kernel
+    def kernel(
+        self,
+        mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mA: cute.Tensor, mB: cute.Tensor,
+        mALog: cute.Tensor, mDtBias: cute.Tensor, mPool: cute.Tensor, mIdx: cute.Tensor,
+        mOut: cute.Tensor, mFlag: cute.Tensor, mRingD: cute.Tensor, mRingK: cute.Tensor,
+        mRingG: cute.Tensor, mCursor: cute.Tensor, mForce: cute.Tensor, scale: Float32,
+        min_valid_slot: Int32,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        tile, hv, n = bid % self.tiles, (bid // self.tiles) % self.HV, bid // (self.tiles * self.HV)
+        lane, rows = self.thread_rows(tidx, tile)
+        h = hv // (self.HV // self.H)
+        warp, warp_lane = tidx // 32, tidx % 32
+
+        smem = cutlass.utils.SmemAllocator()
+        units = self.allocate_units(smem)
+        sGate = smem.allocate_tensor(Float32, cute.make_layout((3, 1), stride=(1, 1)),
+                                     byte_alignment=16)
+        sKeys = smem.allocate_tensor(Float32, self.key_layout(), byte_alignment=16)
+        # sRec[:, j]: record j's W_j, W_j (k_j·k̂) and W_j (k_j·q̂); zero past the cursor.
+        sRec = smem.allocate_tensor(Float32, cute.make_layout((3, self.places),
+                                                              stride=(self.places, 1)),
+                                    byte_alignment=16)
+
+        slot = self.begin(mPool, mIdx, None, bid, n, hv, tile, tidx, min_valid_slot)
+        cursor = Int32(mCursor[n])
+        in_pool = slot >= Int64(min_valid_slot) and slot < Int64(mPool.shape[0])
+        bad_cursor = cursor < 0 or cursor >= Int32(self.L)
+        valid = in_pool and not bad_cursor
+        if (slot >= Int64(mPool.shape[0]) or (in_pool and bad_cursor)) and tidx == 0:
+            mFlag[0] = Int32(1)
+        flush = cursor == Int32(self.L - 1)
+        if const_expr(self.force_flush):
+            flush = flush or Int32(mForce[n]) != 0
+        req = (n, Int64(n), Int32(0), Int32(1))
+
+        if valid:  # uniform over the CTA, so the barriers are safe
+            # 1. Every global read first: the checkpoint, then v, the ring's d of this
+            #    thread's rows, its decays and its row group's records' keys.
+            gS = mPool[slot, hv, None, None]
+            raw = self.load_rows(gS, lane, rows)
+            v_in = self.load_v(mV, req, hv, rows)
+            d_own = self.load_own_records(mRingD, slot, hv, lane, rows, cursor)
+            log_decay = Float32(0.0)
+            if warp_lane < cursor:
+                log_decay = Float32(mRingG[slot, hv, warp_lane])
+            keys = self.load_group_keys(mRingK, slot, h, tidx // LANES_PER_ROW, lane, cursor)
+            # 2. The token's k̂, q̂ and gates in shared memory.
+            self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, req, h, hv, warp,
+                              warp_lane, scale)
+            cute.arch.barrier()
+            total = self.stage_records(keys, log_decay, units, sKeys, sRec,
+                                       tidx // LANES_PER_ROW, lane, warp_lane, cursor, flush)
+            if not flush:
+                self.append_key_and_decay(mRingK, mRingG, mA, mDtBias, mALog, units, slot, h,
+                                          hv, tile, n, tidx, cursor)
+            cute.arch.barrier()
+            # 3. The token, then the checkpoint or the record.
+            self.run_token(mOut, mRingD, gS, raw, v_in, d_own, units, sGate, sKeys, sRec,
+                           total, slot, hv, n, tidx, lane, rows, cursor, flush)
+        else:
+            if lane == 0:
+                for r in rows:
+                    mOut[n, 0, hv, r] = mOut.element_type(0.0)
+
+    @cute.jit
+    def load_own_records(self, mRingD: cute.Tensor, slot: Int64, hv, lane: Int32, rows,
+                         cursor: Int32) -> cute.Tensor:
+        """d_j of this thread's rows for its records j = lane + 8 i, in float32; 0 from the cursor on."""
+        d = cute.make_rmem_tensor((len(rows), self.records_per_lane), Float32)
+        d.fill(0.0)
+        for i in cutlass.range_constexpr(self.records_per_lane):
+            j = lane + LANES_PER_ROW * i
+            if j < cursor:
+                for r in cutlass.range_constexpr(len(rows)):
+                    d[r, i] = Float32(mRingD[slot, hv, j, rows[r]])
+        return d
+
+    @cute.jit
+    def load_group_keys(self, mRingK: cute.Tensor, slot: Int64, h, group: Int32, lane: Int32,
+                        cursor: Int32) -> list:
+        """This lane's columns of the keys of its row group's records j = group + groups i;
+        0 from the cursor on."""
+        keys = []
+        for i in cutlass.range_constexpr(self.key_rounds):
+            j = group + self.groups * i
+            frag = cute.make_rmem_tensor((self.vec, self.vecs_per_lane), mRingK.element_type)
+            frag.fill(0.0)
+            if j < cursor:
+                cute.autovec_copy(self.lane_columns(mRingK[slot, h, j, None], lane), frag)
+            keys.append(frag)
+        return keys
+
+    @cute.jit
+    def stage_records(self, keys: list, log_decay: Float32, units: cute.Tensor,
+                      sKeys: cute.Tensor, sRec: cute.Tensor, group: Int32, lane: Int32,
+                      warp_lane: Int32, cursor: Int32, flush) -> Float32:
+        """Each row group's records' W_j, W_j (k_j·k̂), W_j (k_j·q̂) (and, to flush, their keys)
+        into shared memory, zero from the cursor on; returns Σ_j g_j, the ring's total
+        log-decay.
+
+        Lane j of every warp holds g_j (0 from the cursor on): a suffix scan over the warp
+        gives Σ_{i>j} g_i. A record's dots take the 8-lane row reduction, as a state row's do.
+        """
+        suffix = log_decay
+        for step in cutlass.range_constexpr(5):
+            offset = 1 << step
+            later = cute.arch.shuffle_sync_down(suffix, offset=offset)
+            if warp_lane + offset < 32:
+                suffix = suffix + later
+        total = cute.arch.shuffle_sync(suffix, 0)
+        weight = Float32(0.0)
+        if warp_lane < cursor:
+            weight = Float32(cute.math.exp(suffix - log_decay))
+
+        k_hat = self.lane_columns(units[None, 0, 0], lane).load()
+        q_hat = self.lane_columns(units[None, 1, 0], lane).load()
+        for i in cutlass.range_constexpr(self.key_rounds):
+            j = group + self.groups * i
+            key = keys[i].load().to(Float32)
+            w = cute.arch.shuffle_sync(weight, j % 32)
+            kk = self.row_sum((key * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+            qk = self.row_sum((key * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
+            if j < self.places:
+                # Every lane of the group holds the sums: no branch, one store wins.
+                sRec[WEIGHT, j] = w
+                sRec[KEY_K, j] = w * kk
+                sRec[KEY_Q, j] = w * qk
+                if flush:
+                    staged = cute.make_rmem_tensor((self.vec, self.vecs_per_lane), Float32)
+                    staged.store(key)
+                    cute.autovec_copy(staged, self.lane_columns(sKeys[None, j], lane))
+        return total
+
+    @cute.jit
+    def append_key_and_decay(self, mRingK: cute.Tensor, mRingG: cute.Tensor, mA: cute.Tensor,
+                             mDtBias: cute.Tensor, mALog: cute.Tensor, units: cute.Tensor,
+                             slot: Int64, h, hv, tile, n, tidx: Int32, cursor: Int32):
+        """The token's record at the cursor: its key (once per key head, by the head's first
+        value head's first tile) and its log-decay (by each value head's first tile)."""
+        if tile == 0:
+            if tidx < 32 and hv % (self.HV // self.H) == 0:
+                chunk = self.K // 32
+                key = cute.make_rmem_tensor((chunk,), mRingK.element_type)
+                key.store(cute.local_tile(units[None, 0, 0], (chunk,), (tidx,)).load().to(
+                    mRingK.element_type))
+                cute.autovec_copy(key, cute.local_tile(mRingK[slot, h, cursor, None], (chunk,),
+                                                       (tidx,)))
+            if tidx == 0:
+                mRingG[slot, hv, cursor] = self.log_decay(mA[n, 0, hv], mDtBias[hv], mALog[hv])
+
+    @cute.jit
+    def run_token(self, mOut: cute.Tensor, mRingD: cute.Tensor, gS: cute.Tensor,
+                  raw: cute.Tensor, v_in: cute.Tensor, d_own: cute.Tensor, units: cute.Tensor,
+                  sGate: cute.Tensor, sKeys: cute.Tensor, sRec: cute.Tensor, total: Float32,
+                  slot: Int64, hv, n, tidx: Int32, lane: Int32, rows, cursor: Int32, flush):
+        """The token on this thread's rows: output, then the state after it to the
+        checkpoint (flush) or its d to the ring at the cursor."""
+        R = self.rows_per_thread
+        ring_decay = Float32(cute.math.exp(total))
+        k_hat = self.lane_columns(units[None, 0, 0], lane).load()
+        q_hat = self.lane_columns(units[None, 1, 0], lane).load()
+        decay, beta = sGate[DECAY, 0], sGate[BETA, 0]
+        u = cute.make_rmem_tensor((R,), Float32)
+        for r in cutlass.range_constexpr(R):
+            # The checkpoint as loaded, widened row by row: only a flush keeps it in float32.
+            s = raw[None, None, r].load().to(Float32)
+            sk = ring_decay * (s * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+            sq = ring_decay * (s * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+            for i in cutlass.range_constexpr(self.records_per_lane):
+                j = lane + LANES_PER_ROW * i
+                sk = sk + d_own[r, i] * sRec[KEY_K, j]
+                sq = sq + d_own[r, i] * sRec[KEY_Q, j]
+            sk, sq = self.row_sum(sk), self.row_sum(sq)
+            u[r] = beta * (v_in[r, 0] - decay * sk)
+            mOut[n, 0, hv, rows[r]] = (decay * sq + u[r] * sGate[KQ, 0]).to(mOut.element_type)
+
+        if flush:
+            # S = A S0 + Σ_j W_j d_j k_jᵀ, then the token: e^g S + u k̂ᵀ. Past the cursor
+            # every W_j, d_j and staged key is zero.
+            group = tidx - lane  # lane 0 of this thread's row group
+            state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
+            state.store(raw.load().to(Float32) * ring_decay)
+            for j in cutlass.range_constexpr(self.L):
+                key = self.lane_columns(sKeys[None, j], lane).load()
+                w = sRec[WEIGHT, j]
+                for r in cutlass.range_constexpr(R):
+                    d = cute.arch.shuffle_sync(d_own[r, j // LANES_PER_ROW],
+                                               (group + j % LANES_PER_ROW) % 32)
+                    state[None, None, r].store(state[None, None, r].load() + key * (w * d))
+            for r in cutlass.range_constexpr(R):
+                state[None, None, r].store(state[None, None, r].load() * decay + k_hat * u[r])
+            self.store_rows(state, gS, lane, rows)
+        else:
+            for r in cutlass.range_constexpr(R):
+                # All 8 lanes of the row store the same value to one address.
+                mRingD[slot, hv, cursor, rows[r]] = u[r].to(mRingD.element_type)
