@@ -49,6 +49,8 @@ def variants() -> dict:
             out[f"{s}_verify_indexed_T{T}"] = replace(
                 base, tokens=T, intermediate="indexed", inter_index_dtype=torch.int64,
                 update_state=False)
+        out[f"{s}_slots8x1_T2"] = replace(base, tokens=2, per_token_slots=True, rows_per_cta=8,
+                                          rows_per_thread=1)
         for T in (2, 4):
             out[f"{s}_slots_T{T}"] = replace(base, tokens=T, per_token_slots=True)
             out[f"{s}_ragged_verify_T{T}"] = replace(

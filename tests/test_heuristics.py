@@ -108,9 +108,15 @@ def test_verify_on_fp32_at_tp8_takes_fine_tiles_up_to_256_heads(batch, tokens, r
     assert (tile == TINY) == (batch * 4 <= 256)
 
 
+@pytest.mark.parametrize("batch", [16, 32, 64, 65])
+def test_per_token_slots_on_fp32_at_tp8_take_fine_tiles_at_two_tokens(batch):
+    tile = choose_tile(batch, 4, 128, 2, FP32, per_token_slots=True)
+    assert (tile == TINY) == (batch * 4 <= 256)
+
+
 @pytest.mark.parametrize("batch, heads, tokens, state_bytes, options", [
     (32, 4, 2, BF16, {"intermediate": True}),        # bf16 pools: not measured, unchanged
-    (32, 4, 2, FP32, {"per_token_slots": True}),     # per-token slots: 8x1 lost at T = 4
+    (32, 4, 4, FP32, {"per_token_slots": True}),     # per-token slots: 8x1 lost at T = 4
     (4, 32, 2, FP32, {"intermediate": True}),        # TP1's 32 value heads: not measured
     (32, 4, 2, FP32, {}),                            # decode
 ])

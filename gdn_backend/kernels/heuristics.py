@@ -19,8 +19,9 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
 - Several tokens on an fp32 pool, every state written to intermediate rows (verify),
   for requests of at most 4 value heads (TP8) up to 256 heads: 8-row tiles (H200 sweep,
   TP8 B = 16-64, T = 2 and 4: 1.07-1.27x the copy against 1.15-1.50x on 32x2; not
-  profiled). Not measured for more value heads a request or for per-token slots (where
-  8x1 lost at T = 4), so not applied there.
+  profiled). Likewise per-token slots at T = 2 (1.16-1.26x against 1.17-1.51x); not at
+  T = 4, where 8x1 lost, nor at T = 3 and 8 (not measured). Not measured for more value
+  heads a request, so not applied there.
 - Otherwise, several tokens: 2 rows a thread (about 85 registers, 128 threads).
 
 ReplaySSM decode has rules of its own (`choose_ring_tile`).
@@ -86,7 +87,8 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
         return TINY
     if tokens == 1:
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
-    if (fp32 and intermediate and heads <= FINE_VERIFY_UP_TO_HEADS
+    every_state = intermediate or (per_token_slots and tokens == 2)
+    if (fp32 and every_state and heads <= FINE_VERIFY_UP_TO_HEADS
             and num_v_heads <= FINE_VERIFY_MAX_V_HEADS):
         return TINY
     if tokens in (3, 4) and serves(MMA, tokens, state_bytes, intermediate, per_token_slots,
