@@ -97,6 +97,28 @@ def test_steps_equal_sglangs_triton_replayssm_kernel(device, state_dtype):
     assert max(errors.values()) < TOL, errors
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_spec_ring_reference_equals_sglangs_triton_kernels(device):
+    """The spec ring's oracle (--enable-linear-replayssm-spec, not served yet) against
+    SGLang's verify, cursor advance and (on the GPU) fold, over 14 steps with folds,
+    ragged windows and a padding row: outputs to bf16 rounding, states and records to
+    float32 rounding, cursors equal."""
+    if device == "cpu":
+        script = os.path.join(HERE, "sglang_replayssm_spec_steps.py")
+        run = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                             env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        errors = json.loads(run.stdout.strip().splitlines()[-1])
+    else:
+        from sglang_replayssm_spec_steps import compare
+
+        errors = compare("cuda")
+    assert errors.pop("folds") >= 4 and errors.pop("padding_rows_zero")
+    assert all(errors.pop(f"{name}_equal") for name in ("write_pos", "cache_base", "is_flush"))
+    assert errors.pop("output") < TOL, errors
+    assert max(errors.values()) < 1e-3, errors  # TF32 dots on the GPU
+
+
 def test_sglangs_dispatcher_hands_the_rings_to_our_kernel(registered, tiny_model, monkeypatch):
     from test_sglang import build_dispatcher
 
