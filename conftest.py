@@ -1,4 +1,5 @@
-"""Shared by tests/ and integration_tests/: `gpu` tests skip cleanly without an sm_90+ GPU."""
+"""Shared by tests/ and integration_tests/: `gpu` tests skip cleanly without an sm_90+ GPU,
+`multi_gpu` tests with fewer than two."""
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ def cuda_sm90() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if cuda_sm90():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU of sm_90 or newer")
+    gpus = torch.cuda.device_count() if cuda_sm90() else 0
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and gpus == 0:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU of sm_90 or newer"))
+        elif "multi_gpu" in item.keywords and gpus < 2:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs two CUDA GPUs of sm_90 or newer; this machine has {gpus}"))

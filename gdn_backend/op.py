@@ -251,4 +251,4 @@ def warmup(
 
             call = validate(q, q, v, gate, gate, A_log, dt_bias, pool, pad, out, scale=1.0,
                             min_valid_slot=0, **options)
-            launch.compile_ahead(launch.config_for(call))
+            launch.compile_ahead(launch.config_for(call), pool.device.index)

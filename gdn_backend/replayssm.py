@@ -144,4 +144,4 @@ def warmup_replayssm(
 
             rc = _validate(q, q, v, gate, gate, A_log, dt_bias, pool, *rings, cursor, pad, out,
                            force, 1.0, 0)
-            launch.compile_ahead(launch.replayssm_config(rc))
+            launch.compile_ahead(launch.replayssm_config(rc), pool.device.index)

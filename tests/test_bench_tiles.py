@@ -54,6 +54,21 @@ def test_a_forced_tile_reaches_the_kernel_configuration_and_is_undone_after():
     assert (cfg.rows_per_cta, cfg.rows_per_thread) == (dispatch.rows_per_cta, dispatch.rows_per_thread)
 
 
+def test_a_forced_tile_reaches_the_replayssm_configuration_too():
+    from gdn_backend.testing import RingPool
+    from gdn_backend.validation import validate_rings
+
+    pool = RingPool(8, 16, 32)
+    q, k, v, a, b = pool.tokens(4)
+    call = validate(q, k, v, a, b, pool.A_log, pool.dt_bias, pool.checkpoint,
+                    torch.arange(4, dtype=torch.int32), torch.empty_like(v), scale=1.0,
+                    min_valid_slot=0)
+    rc = validate_rings(call, *pool.rings, torch.zeros(4, dtype=torch.int32), None)
+    with tiles.forced_tile(Tile(rows_per_cta=16, rows_per_thread=2)):
+        cfg = launch.replayssm_config(rc)
+    assert (cfg.rows_per_cta, cfg.rows_per_thread, cfg.ring_len) == (16, 2, 16)
+
+
 def test_each_swept_tile_is_printed_as_its_time_over_the_copy():
     row = dict(shape="TP1", pool="bf16", T=4, B=64, ours_us=50.0, copy_us=40.0, ratio=1.25,
                tbps=2.0, pct_ceiling=50.0, tile_us={"32x4": 48.0, "32x2": 60.0})

@@ -41,10 +41,11 @@ def tile_name(tile: Tile) -> str:
 
 @contextlib.contextmanager
 def forced_tile(tile: Tile):
-    """Within: every decode launch takes `tile` in place of the dispatch's choice."""
-    chosen = launch.choose_tile
-    launch.choose_tile = lambda *shape, **options: tile
+    """Within: every decode launch (ReplaySSM's too) takes `tile` in place of the dispatch's
+    choice."""
+    chosen, ring = launch.choose_tile, launch.choose_ring_tile
+    launch.choose_tile = launch.choose_ring_tile = lambda *shape, **options: tile
     try:
         yield
     finally:
-        launch.choose_tile = chosen
+        launch.choose_tile, launch.choose_ring_tile = chosen, ring

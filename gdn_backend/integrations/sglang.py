@@ -10,8 +10,10 @@ backend choices and wraps `GDNKernelDispatcher.__init__` (SGLang's own
 HookRegistry), the place where SGLang picks its GDN kernels: when the flag names
 gdn_backend, decode and chain speculative verify go to `GDNBackendKernel`, which
 runs gdn_backend's op on SGLang's own `ssm_states` pool and `cache_indices`
-(PAD_SLOT_ID = -1 padding) with no copy, gather or scatter. Prefill and tree
-verify stay on SGLang's kernels.
+(PAD_SLOT_ID = -1 padding) with no copy, gather or scatter; with
+--enable-linear-replayssm, decode runs gdn_backend's ring kernel on SGLang's rings, and a
+resolution hook lets that flag through SGLang's argument check. Prefill, tree verify and
+the ReplaySSM spec ring stay on SGLang's kernels.
 
 Written against SGLang 0.5.23.
 """
@@ -90,8 +92,9 @@ class GDNBackendKernel(_kernel_base()):
         q, k, v = split_packed_qkv(mixed_qkv.unsqueeze(1), H, num_v_heads, K, head_v_dim)
         if any(t is not None for t in rings):
             if any(t is None for t in rings):
+                given = ", ".join(n for n, t in zip(RING_ARGS, rings) if t is not None)
                 raise ValueError(f"SGLang's ReplaySSM decode needs all of {', '.join(RING_ARGS)}; "
-                                 f"got only {', '.join(n for n, t in zip(RING_ARGS, rings) if t is not None)}")
+                                 f"got only {given}")
             out = replayssm_decode(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias,
                                    ssm_states, *rings, cache_indices, scale=scale,
                                    force_flush=force_flush)
@@ -218,7 +221,8 @@ def _dispatcher_init(original, self, decode_backend, prefill_backend, verify_bac
     if serve_verify:
         self.verify_kernel = kernel
         self.verify_kernel_is_flashinfer = False
-    logger.info("gdn_backend active: GDN decode%s run on gdn_backend's pooled CuTe DSL kernel",
+    logger.info("gdn_backend active: GDN decode%s%s run on gdn_backend's pooled CuTe DSL kernels",
+                " (on ReplaySSM's rings)" if mamba.enable_linear_replayssm else "",
                 " and chain verify" if serve_verify else "")
 
 

@@ -181,27 +181,34 @@ def build(cfg: KernelConfig):
 
 
 class CompileCache:
-    """Compiled kernels by configuration; counts compilations so tests can prove none happen late."""
+    """Compiled kernels by device and configuration; counts compilations so tests can prove
+    none happen late.
+
+    A compiled kernel's module lives in the context of the device it was built on, so each
+    device gets its own, built with that device current.
+    """
 
     def __init__(self):
-        self._kernels: dict[KernelConfig, object] = {}
+        self._kernels: dict[tuple[int, KernelConfig], object] = {}
         self._lock = threading.Lock()
         self.compilations = 0
 
-    def get(self, cfg: KernelConfig):
-        fn = self._kernels.get(cfg)
+    def get(self, cfg: KernelConfig, device: int):
+        key = (device, cfg)
+        fn = self._kernels.get(key)
         if fn is None:
             if torch.cuda.is_current_stream_capturing():
                 # Loading a module inside capture would invalidate the engine's graph.
                 raise RuntimeError(
-                    f"gdn_backend has no compiled kernel for {cfg} and CUDA-graph capture is "
-                    "under way; call gdn_backend.warmup(...) with this configuration before "
-                    "capturing")
+                    f"gdn_backend has no compiled kernel for {cfg} on cuda:{device} and "
+                    "CUDA-graph capture is under way; call gdn_backend.warmup(...) with this "
+                    "configuration and device before capturing")
             with self._lock:
-                fn = self._kernels.get(cfg)
+                fn = self._kernels.get(key)
                 if fn is None:
-                    fn = build(cfg)
-                    self._kernels[cfg] = fn
+                    with torch.cuda.device(device):
+                        fn = build(cfg)
+                    self._kernels[key] = fn
                     self.compilations += 1
         return fn
 

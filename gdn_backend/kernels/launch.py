@@ -6,6 +6,7 @@ dtypes, strides and pointer alignment, never from tensor values.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import replace
 
@@ -70,13 +71,23 @@ def config_for(call: Call) -> _compile.KernelConfig:
     )
 
 
+def on_device(device: torch.device):
+    """The tensors' device made current for a launch where it is not: the kernel runs on the
+    current device's current stream (TVM-FFI), which must be the tensors'."""
+    if device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def gated_delta_rule_decode(call: Call, error_flag: torch.Tensor) -> None:
-    check_supported(call.problem, call.state_pool.device)
-    kernel = _compile.CACHE.get(config_for(call))
-    kernel(call.q, call.k, call.v, call.a, call.b, call.A_log, call.dt_bias, call.state_pool,
-           call.state_indices, call.out, error_flag, call.intermediate_states,
-           call.intermediate_indices, call.num_accepted_tokens, call.cu_seqlens, call.scale,
-           call.min_valid_slot)
+    device = call.state_pool.device
+    check_supported(call.problem, device)
+    kernel = _compile.CACHE.get(config_for(call), device.index)
+    with on_device(device):
+        kernel(call.q, call.k, call.v, call.a, call.b, call.A_log, call.dt_bias,
+               call.state_pool, call.state_indices, call.out, error_flag,
+               call.intermediate_states, call.intermediate_indices, call.num_accepted_tokens,
+               call.cu_seqlens, call.scale, call.min_valid_slot)
 
 
 def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
@@ -91,9 +102,9 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
                     tensor_cores=t.tensor_cores) for t in tiles]
 
 
-def compile_ahead(base: _compile.KernelConfig) -> None:
+def compile_ahead(base: _compile.KernelConfig, device: int) -> None:
     for cfg in warmup_configs(base):
-        _compile.CACHE.get(cfg)
+        _compile.CACHE.get(cfg, device)
 
 
 def replayssm_config(rc: RingCall) -> _compile.KernelConfig:
@@ -110,8 +121,10 @@ def replayssm_config(rc: RingCall) -> _compile.KernelConfig:
 
 def replayssm_decode(rc: RingCall, error_flag: torch.Tensor) -> None:
     c = rc.call
-    check_supported(c.problem, c.state_pool.device)
-    kernel = _compile.CACHE.get(replayssm_config(rc))
-    kernel(c.q, c.k, c.v, c.a, c.b, c.A_log, c.dt_bias, c.state_pool, c.state_indices, c.out,
-           error_flag, rc.ring_d, rc.ring_k, rc.ring_g, rc.write_pos, rc.force_flush, c.scale,
-           c.min_valid_slot)
+    device = c.state_pool.device
+    check_supported(c.problem, device)
+    kernel = _compile.CACHE.get(replayssm_config(rc), device.index)
+    with on_device(device):
+        kernel(c.q, c.k, c.v, c.a, c.b, c.A_log, c.dt_bias, c.state_pool, c.state_indices,
+               c.out, error_flag, rc.ring_d, rc.ring_k, rc.ring_g, rc.write_pos,
+               rc.force_flush, c.scale, c.min_valid_slot)
