@@ -109,9 +109,10 @@ def replayssm_spec_commit_reference(
     write_pos, cache_base, is_flush, accept_lens, *, max_tokens: int,
     track_indices=None, track_steps=None,
 ) -> None:
-    """SGLang's commit after a verify: the cursors advance by the accepted counts
-    (`replayssm_spec_advance_reference`), then rows at capacity fold their records into the
-    checkpoint (`replayssm_spec_fold_reference`)."""
+    """SGLang's commit after a verify, its three steps: the cursors advance by the accepted
+    counts (`replayssm_spec_advance_reference`), rows at capacity fold their records into
+    the checkpoint (`replayssm_spec_fold_reference`, every layer's in SGLang) and their
+    rings start over after them (`replayssm_spec_finish_reference`)."""
     replayssm_spec_advance_reference(write_pos, cache_base, is_flush, accept_lens,
                                      replay_indices, ring_len=ring_d.shape[2],
                                      max_tokens=max_tokens,
@@ -120,6 +121,8 @@ def replayssm_spec_commit_reference(
                                   state_indices, replay_indices, write_pos, cache_base,
                                   is_flush, accept_lens, track_indices=track_indices,
                                   track_steps=track_steps)
+    replayssm_spec_finish_reference(write_pos, cache_base, is_flush, state_indices,
+                                    replay_indices, ring_len=ring_d.shape[2])
 
 
 def replayssm_spec_advance_reference(write_pos, cache_base, is_flush, accept_lens,
@@ -146,8 +149,9 @@ def replayssm_spec_fold_reference(checkpoint, ring_d, ring_k, ring_g, ring_d_low
                                   state_indices, replay_indices, write_pos, cache_base,
                                   is_flush, accept_lens, *, track_indices=None,
                                   track_steps=None) -> None:
-    """SGLang's commit_gdn_replayssm_circular, after the cursors: a marked row's W' records
-    fold into its checkpoint, and its ring starts after them, empty. track_indices /
+    """SGLang's commit_gdn_replayssm_circular for one layer, after the cursors: a marked
+    row's W' records fold into its checkpoint; the cursors are left for
+    `replayssm_spec_finish_reference`, once every layer has folded. track_indices /
     track_steps (optional, [B]): the radix cache's snapshots, the state after accepted
     step track_steps[n] written to slot track_indices[n] (negative: none), from the
     checkpoint as it was."""
@@ -169,7 +173,15 @@ def replayssm_spec_fold_reference(checkpoint, ring_d, ring_k, ring_g, ring_d_low
             checkpoint[int(track_indices[n])] = state_after(count).to(checkpoint.dtype)
         if int(is_flush[r]):
             checkpoint[slot] = state_after(held).to(checkpoint.dtype)
-            cache_base[r] = (base + held) % L
+
+
+def replayssm_spec_finish_reference(write_pos, cache_base, is_flush, state_indices,
+                                    replay_indices, *, ring_len: int) -> None:
+    """After the fold: a folded row's ring starts after its records, empty."""
+    for n in range(replay_indices.shape[0]):
+        slot, r = int(state_indices[n]), int(replay_indices[n])
+        if slot >= 0 and r >= 0 and int(is_flush[r]):
+            cache_base[r] = (int(cache_base[r]) + int(write_pos[r])) % ring_len
             write_pos[r] = 0
             is_flush[r] = 0
 

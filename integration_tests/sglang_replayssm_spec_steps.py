@@ -19,8 +19,8 @@ from sglang.kernels.ops.attention.linear.gdn_replayssm_spec_decode import (
     commit_gdn_replayssm_circular, commit_gdn_replayssm_spec, gdn_replayssm_spec_decode)
 
 from gdn_backend.reference_replayssm_spec import (
-    replayssm_spec_commit_reference, replayssm_spec_fold_reference,
-    replayssm_spec_verify_reference)
+    replayssm_spec_commit_reference, replayssm_spec_finish_reference,
+    replayssm_spec_fold_reference, replayssm_spec_verify_reference)
 from gdn_backend.testing import relative_error
 
 H, HV, K, V, L, T = 2, 4, 128, 128, 16, 4
@@ -65,6 +65,8 @@ def sglang_step(st, q, k, v, a, b, A_log, dt_bias, cu, slots, rows, accept, devi
     else:
         replayssm_spec_fold_reference(*(st[name] for name in NAMES[:6]), slots, rows,
                                       st["write_pos"], st["cache_base"], st["is_flush"], accept)
+        replayssm_spec_finish_reference(st["write_pos"], st["cache_base"], st["is_flush"],
+                                        slots, rows, ring_len=L)
     return out
 
 

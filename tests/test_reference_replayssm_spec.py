@@ -170,3 +170,26 @@ def test_rejected_drafts_leave_no_trace_in_the_state(accepted):
     ring.step([(1, 0)], [accepted])
     assert ring.write_pos[0] == accepted
     assert relative_error(ring.state(1, 0), ring.true[1]) < TOL
+
+
+def test_every_layer_folds_before_the_shared_cursors_start_over():
+    """SGLang's cursors are shared by a step's GDN layers: each layer folds its own W'
+    records, and only then do the rings start over."""
+    from gdn_backend.reference_replayssm_spec import (
+        replayssm_spec_finish_reference, replayssm_spec_fold_reference)
+
+    layers = [SpecRing(slots=2, rows=1, seed=8 + i) for i in range(2)]
+    first = layers[0]
+    first.write_pos[0], first.is_flush[0] = 11, 1
+    for ring in layers[1:]:  # one set of cursors for every layer
+        ring.write_pos, ring.cache_base, ring.is_flush = first.write_pos, first.cache_base, first.is_flush
+    want = [ring.state(1, 0) for ring in layers]
+    slots, rows = torch.tensor([1]), torch.tensor([0])
+    for ring in layers:
+        replayssm_spec_fold_reference(ring.checkpoint, *ring.rings, slots, rows, ring.write_pos,
+                                      ring.cache_base, ring.is_flush, torch.tensor([3]))
+    replayssm_spec_finish_reference(first.write_pos, first.cache_base, first.is_flush, slots,
+                                    rows, ring_len=L)
+    assert first.write_pos[0] == 0 and first.is_flush[0] == 0
+    for ring, state in zip(layers, want):
+        assert relative_error(ring.checkpoint[1], state) < TOL
