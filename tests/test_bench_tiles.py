@@ -73,3 +73,11 @@ def test_each_swept_tile_is_printed_as_its_time_over_the_copy():
     row = dict(shape="TP1", pool="bf16", T=4, B=64, ours_us=50.0, copy_us=40.0, ratio=1.25,
                tbps=2.0, pct_ceiling=50.0, tile_us={"32x4": 48.0, "32x2": 60.0})
     assert runner.format_row(row).endswith("| 32x4  1.20x | 32x2  1.50x")
+
+
+def test_a_replayssm_row_prints_its_own_copy_and_the_classic_steps_beside_it():
+    row = dict(mode="replayssm", shape="TP1", pool="fp32", T=1, B=64, ours_us=30.0,
+               copy_us=40.0, ratio=0.75, tbps=2.0, pct_ceiling=50.0, own_copy_us=24.0,
+               classic_us=42.0, sglang_classic_us=44.0)
+    assert runner.format_row(row).endswith(
+        "| own_copy  0.60x | classic  1.05x | sglang_classic  1.10x")

@@ -139,3 +139,9 @@ def test_op_schema_declares_exactly_the_mutated_tensors():
     mutated = {arg.name for arg in OP._schema.arguments
                if arg.alias_info is not None and arg.alias_info.is_write}
     assert mutated == {"state_pool", "ring_d", "ring_k", "ring_g", "out", "error_flag"}
+
+
+def test_warmup_runs_on_padding_only_and_writes_nothing():
+    before = gdn_backend.error_flag("cpu").clone()
+    gdn_backend.warmup_replayssm(device="cpu", num_heads=2, num_v_heads=4, ring_len=4)
+    assert torch.equal(gdn_backend.error_flag("cpu"), before)
