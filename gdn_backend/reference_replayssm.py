@@ -1,6 +1,6 @@
-"""SGLang's ReplaySSM decode step (`--enable-linear-replayssm`) in PyTorch: the oracle for
-the ring kernels to come, read from SGLang 0.5.23's `fused_recurrent_gdn_replayssm_decode`
-and its backend's cursor rules.
+"""SGLang's ReplaySSM decode step (`--enable-linear-replayssm`) in PyTorch: the CPU path and
+the oracle for the ring kernel (kernels/replayssm_decode.py), read from SGLang 0.5.23's
+`fused_recurrent_gdn_replayssm_decode` and its backend's cursor rules.
 
 A slot's pool entry is a checkpoint; the slot's ring holds one update record for each token
 since. Record j of a slot holds, for that token:

@@ -238,9 +238,9 @@ class RingPool:
         real = idx >= 0
         self.write_pos[idx[real].long()] = torch.where(flushed, 0, cursor + 1)[real].to(torch.int32)
 
-    def step(self, slots, force=None, decode=None):
-        """One token for requests on `slots` (-1: padding) through the ReplaySSM op
-        (or `decode`, with its arguments) and the classic op; returns both outputs [B, HV, V]."""
+    def step(self, slots, force=None):
+        """One token for requests on `slots` (-1: padding) through the ReplaySSM op and the
+        classic op; returns both outputs [B, HV, V]."""
         from .op import gated_delta_rule_decode
         from .replayssm import replayssm_decode
 
@@ -250,8 +250,8 @@ class RingPool:
         q, k, v, a, b = self.tokens(len(slots))
         cursor = self.cursors(idx)
         ring_out = torch.full(v.shape, float("nan"), dtype=v.dtype, device=self.device)
-        (decode or replayssm_decode)(q, k, v, a, b, self.A_log, self.dt_bias, self.checkpoint,
-                                     *self.rings, cursor, idx, force_flush=force, out=ring_out)
+        replayssm_decode(q, k, v, a, b, self.A_log, self.dt_bias, self.checkpoint, *self.rings,
+                         cursor, idx, force_flush=force, out=ring_out)
         classic_out = gated_delta_rule_decode(q, k, v, a, b, self.A_log, self.dt_bias,
                                               self.classic, idx)
         self.advance(idx, cursor, force)

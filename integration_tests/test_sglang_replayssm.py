@@ -75,19 +75,21 @@ def test_the_spec_ring_stays_sglangs_error(registered, tiny_model):
                 "--linear-attn-decode-backend", "gdn_backend")
 
 
-def packed(q, k, v):
-    return torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1)[:, 0]
+def interpreted(script: str, *args: str) -> dict:
+    """Run one of the comparison scripts under Triton's interpreter, in a process that
+    starts with it on (it must be on before Triton is first imported); its JSON result."""
+    run = subprocess.run([sys.executable, os.path.join(HERE, script), *args],
+                         capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("state_dtype", ["f32", "bf16"])
 def test_steps_equal_sglangs_triton_replayssm_kernel(device, state_dtype):
-    if device == "cpu":  # Triton's interpreter, in a process that starts with it on
-        script = os.path.join(HERE, "sglang_replayssm_steps.py")
-        run = subprocess.run([sys.executable, script, state_dtype], capture_output=True,
-                             text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        errors = json.loads(run.stdout.strip().splitlines()[-1])
+    if device == "cpu":
+        errors = interpreted("sglang_replayssm_steps.py", state_dtype)
     else:
         from sglang_replayssm_steps import DTYPES, compare
 
@@ -104,11 +106,7 @@ def test_the_spec_ring_reference_equals_sglangs_triton_kernels(device):
     ragged windows and a padding row: outputs to bf16 rounding, states and records to
     float32 rounding, cursors equal."""
     if device == "cpu":
-        script = os.path.join(HERE, "sglang_replayssm_spec_steps.py")
-        run = subprocess.run([sys.executable, script], capture_output=True, text=True,
-                             env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        errors = json.loads(run.stdout.strip().splitlines()[-1])
+        errors = interpreted("sglang_replayssm_spec_steps.py")
     else:
         from sglang_replayssm_spec_steps import compare
 
@@ -120,6 +118,7 @@ def test_the_spec_ring_reference_equals_sglangs_triton_kernels(device):
 
 
 def test_sglangs_dispatcher_hands_the_rings_to_our_kernel(registered, tiny_model, monkeypatch):
+    from sglang_replayssm_steps import packed
     from test_sglang import build_dispatcher
 
     monkeypatch.setattr(plugin, "check_device", lambda: None)  # the CPU machine has no GPU

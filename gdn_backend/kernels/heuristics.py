@@ -75,6 +75,11 @@ def serves(tile: Tile, tokens: int, state_bytes: int, intermediate: bool = False
                                      and not (intermediate or per_token_slots or ragged))
 
 
+def latency_bound(heads: int, head_v_dim: int) -> bool:
+    """Whether 32-row tiles of these heads would leave SMs without a CTA."""
+    return heads * (head_v_dim // LARGE.rows_per_cta) < NUM_SMS
+
+
 def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,
                 intermediate: bool = False, per_token_slots: bool = False,
                 ragged: bool = False) -> Tile:
@@ -83,7 +88,7 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
     state is written too; `per_token_slots`, `ragged`: the op's modes of those names."""
     heads = batch * num_v_heads
     fp32 = state_bytes == 4
-    if heads * (head_v_dim // LARGE.rows_per_cta) < NUM_SMS:
+    if latency_bound(heads, head_v_dim):
         return TINY
     if tokens == 1:
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
@@ -113,7 +118,7 @@ def choose_ring_tile(batch: int, num_v_heads: int, head_v_dim: int) -> Tile:
     within 0.01 of it from 512 heads on, 32 x 2 best or near it below, down to the
     latency-bound batches that take 8-row tiles as decode does)."""
     heads = batch * num_v_heads
-    if heads * (head_v_dim // LARGE.rows_per_cta) < NUM_SMS:
+    if latency_bound(heads, head_v_dim):
         return TINY
     return RING_WIDE if heads >= RING_WIDE_FROM_HEADS else LARGE
 
