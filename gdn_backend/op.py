@@ -51,15 +51,16 @@ def _run(
         intermediate_indices=intermediate_indices, update_state=update_state,
         num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens, max_tokens=max_tokens,
     )
-    dispatch(call, call, error_flag, "gated_delta_rule_decode", decode_reference)
+    dispatch(call, call.state_pool.device, call.problem.batch, error_flag,
+             "gated_delta_rule_decode", decode_reference)
 
 
-def dispatch(validated, call, error_flag: torch.Tensor, kernel: str, reference) -> None:
-    """A validated call to `launch.<kernel>` on CUDA, to `reference` on the CPU. `call` is
-    the (one-slot or ring) call's classic part: its pool's device and its batch."""
-    device = call.state_pool.device
+def dispatch(validated, device: torch.device, batch: int, error_flag: torch.Tensor,
+             kernel: str, reference) -> None:
+    """A validated call of `batch` requests on `device` to `launch.<kernel>` on CUDA, to
+    `reference` on the CPU."""
     _check_flag_tensor(error_flag, device)
-    if call.problem.batch == 0:
+    if batch == 0:
         return
     if device.type == "cuda":
         from .kernels import launch

@@ -43,7 +43,8 @@ def _replayssm_op(
 ) -> None:
     rc = _validate(q, k, v, a, b, A_log, dt_bias, state_pool, ring_d, ring_k, ring_g,
                    write_pos, state_indices, out, force_flush, scale, min_valid_slot)
-    dispatch(rc, rc.call, error_flag, "replayssm_decode", replayssm_reference)
+    dispatch(rc, rc.call.state_pool.device, rc.call.problem.batch, error_flag,
+             "replayssm_decode", replayssm_reference)
 
 
 @_replayssm_op.register_fake

@@ -256,3 +256,74 @@ class RingPool:
                                               self.classic, idx)
         self.advance(idx, cursor, force)
         return ring_out[:, 0], classic_out[:, 0]
+
+
+class SpecRing:
+    """SGLang's spec ring state for tests and the benchmark: checkpoints [layers, P, HV, V, K],
+    rings of R request rows full of random records (bf16 high and low parts, unit keys,
+    negative log-decays), and cursors somewhere on the circle."""
+
+    def __init__(self, num_slots: int, num_rows: int, num_heads: int = 2, num_v_heads: int = 4,
+                 head_k_dim: int = 128, head_v_dim: int = 128, ring_len: int = 16, *,
+                 layers: int = 1, state_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", seed: int = 0):
+        P, R, H, HV, K, V, L = (num_slots, num_rows, num_heads, num_v_heads, head_k_dim,
+                                head_v_dim, ring_len)
+        self.H, self.HV, self.K, self.V, self.L = H, HV, K, V, L
+        self.device = torch.device(device)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.checkpoint = self.randn(layers, P, HV, V, K, dtype=state_dtype, scale=0.5)
+        d = torch.randn(layers, R, HV, L, V, generator=self.gen) * 0.3
+        keys = torch.randn(layers, R, H, L, K, generator=self.gen)
+        keys = keys / keys.norm(dim=-1, keepdim=True)
+        self.ring_d, self.ring_d_low = self._split(d)
+        self.ring_k, self.ring_k_low = self._split(keys)
+        self.ring_g = (-torch.rand(layers, R, HV, L, generator=self.gen)).to(self.device)
+        self.write_pos = torch.randint(0, L // 2 + 1, (R,), generator=self.gen,
+                                       dtype=torch.int32).to(self.device)
+        self.cache_base = torch.randint(0, L, (R,), generator=self.gen,
+                                        dtype=torch.int32).to(self.device)
+        self.is_flush = torch.zeros(R, dtype=torch.int8, device=self.device)
+        self.A_log = (torch.rand(HV, generator=self.gen) * 15 + 1).log().to(self.device)
+        self.dt_bias = self.randn(HV, scale=0.5)
+
+    def randn(self, *shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=self.gen) * scale).to(dtype).to(self.device)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        high = x.bfloat16()
+        return high.to(self.device), (x - high.float()).bfloat16().to(self.device)
+
+    def rings(self, layer: int | None = 0) -> tuple:
+        """(ring_d, ring_k, ring_g, ring_d_low, ring_k_low) of one layer, or of all (None)."""
+        pick = (lambda t: t) if layer is None else (lambda t: t[layer])
+        return tuple(pick(t) for t in (self.ring_d, self.ring_k, self.ring_g, self.ring_d_low,
+                                       self.ring_k_low))
+
+    @property
+    def cursors(self) -> tuple:
+        return self.write_pos, self.cache_base, self.is_flush
+
+    def window(self, lengths) -> tuple:
+        """q, k [1, N, H, K], v [1, N, HV, V], a, b [1, N, HV] and cu_seqlens [B + 1] for
+        requests of these token counts."""
+        N = sum(lengths)
+        q, k = (self.randn(1, N, self.H, self.K, dtype=torch.bfloat16) for _ in range(2))
+        v = self.randn(1, N, self.HV, self.V, dtype=torch.bfloat16)
+        a, b = (self.randn(1, N, self.HV, dtype=torch.bfloat16) for _ in range(2))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                          device=self.device)
+        return q, k, v, a, b, cu
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a verify or fold may write, for snapshots and comparisons."""
+        return [self.checkpoint, self.ring_d, self.ring_d_low, self.ring_k, self.ring_k_low,
+                self.ring_g, self.write_pos, self.cache_base, self.is_flush]
+
+    def to(self, device) -> "SpecRing":
+        """A copy on `device` (the reference's inputs on the CPU, say)."""
+        twin = object.__new__(SpecRing)
+        twin.__dict__.update({name: t.to(device).clone() if isinstance(t, torch.Tensor) else t
+                              for name, t in self.__dict__.items()})
+        twin.device = torch.device(device)
+        return twin

@@ -359,3 +359,135 @@ def validate_rings(call: Call, ring_d, ring_k, ring_g, write_pos, force_flush) -
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}; it must be on state_pool's device {device}")
     return RingCall(call, ring_d, ring_k, ring_g, write_pos, force_flush)
+
+
+@dataclass(frozen=True)
+class SpecRings:
+    """SGLang's spec ring, keyed by request rows: d, d_low [.., R, HV, L, V] and k, k_low
+    [.., R, H, L, K] (bf16 high and low parts of each record), g [.., R, HV, L] float32, the
+    rows of the batch's requests [B] and the rows' cursors [R] (write_pos, cache_base int32,
+    is_flush int8). Leading dims: none for a verify (one layer), [layers] for a fold."""
+
+    ring_d: torch.Tensor
+    ring_d_low: torch.Tensor
+    ring_k: torch.Tensor
+    ring_k_low: torch.Tensor
+    ring_g: torch.Tensor
+    rows: torch.Tensor
+    write_pos: torch.Tensor
+    cache_base: torch.Tensor
+    is_flush: torch.Tensor
+
+    @property
+    def ring_len(self) -> int:
+        return self.ring_d.shape[-2]
+
+
+@dataclass(frozen=True)
+class SpecVerifyCall:
+    """One validated spec-ring verify: a ragged, state-preserving `Call` on the checkpoints
+    and the request rows' rings."""
+
+    call: Call
+    rings: SpecRings
+
+
+@dataclass(frozen=True)
+class SpecFoldCall:
+    """One validated commit fold over every layer: checkpoints [layers, P, HV, V, K], the
+    requests' slots [B], their rings, accepted counts and optional snapshot slots/steps."""
+
+    checkpoint: torch.Tensor
+    state_indices: torch.Tensor
+    rings: SpecRings
+    accept_lens: torch.Tensor
+    track_indices: torch.Tensor | None
+    track_steps: torch.Tensor | None
+    num_heads: int
+
+    @property
+    def batch(self) -> int:
+        return self.state_indices.shape[0]
+
+
+def validate_spec_rings(ring_d, ring_d_low, ring_k, ring_k_low, ring_g, rows, write_pos,
+                        cache_base, is_flush, *, lead: tuple[int, ...], num_heads: int | None,
+                        num_v_heads: int, head_k_dim: int, head_v_dim: int, batch: int,
+                        device: torch.device) -> SpecRings:
+    """Check the spec ring's tensors; `lead` is () for one layer or (layers,)."""
+    HV, K, V = num_v_heads, head_k_dim, head_v_dim
+    names = "".join(f"{d}, " for d in ("layers",)[:len(lead)])
+    _check_rank("ring_d", ring_d, len(lead) + 4, f"[{names}R, HV, L, V]")
+    R, L = ring_d.shape[len(lead)], ring_d.shape[-2]
+    if L < 1 or L > MAX_RING or L & (L - 1):
+        raise ValueError(f"ring_d holds L = {L} records a row; L must be a power of two in "
+                         f"1..{MAX_RING} (SGLang's cursors wrap with a mask)")
+    _check_rank("ring_k", ring_k, len(lead) + 4, f"[{names}R, H, L, K]")
+    H = ring_k.shape[len(lead) + 1] if num_heads is None else num_heads
+    if H < 1 or HV % H:
+        raise ValueError(f"ring_k has shape {tuple(ring_k.shape)}; its H must divide HV = {HV}")
+    for name, t in (("ring_d_low", ring_d_low), ("ring_k_low", ring_k_low)):
+        if t is None:
+            raise ValueError(f"{name} is None; the spec ring keeps every record's low part "
+                             "(SGLang's replayssm_rawv / replayssm_rawk)")
+    _check_dtype("ring_d", ring_d, (torch.bfloat16, torch.float16))
+    for name, t in (("ring_k", ring_k), ("ring_d_low", ring_d_low), ("ring_k_low", ring_k_low)):
+        if t.dtype != ring_d.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; it must match ring_d's {ring_d.dtype}")
+    _check_dtype("ring_g", ring_g, (torch.float32,))
+    for name, t, shape, what in (
+            ("ring_d", ring_d, (HV, L, V), "HV, L, V"), ("ring_d_low", ring_d_low, (HV, L, V), "HV, L, V"),
+            ("ring_k", ring_k, (H, L, K), "H, L, K"), ("ring_k_low", ring_k_low, (H, L, K), "H, L, K"),
+            ("ring_g", ring_g, (HV, L), "HV, L")):
+        _check_shape(name, t, (*lead, R, *shape), f"[{names}R, {what}]")
+        _check_dense_slots(name, t, len(shape), f"[{what}]")
+    _check_index_vector("replay_indices", rows, batch, "[B], each request's ring row",
+                        INDEX_DTYPES)
+    for name, t, dtype in (("write_pos", write_pos, torch.int32),
+                           ("cache_base", cache_base, torch.int32),
+                           ("is_flush", is_flush, torch.int8)):
+        _check_index_vector(name, t, R, "[R], a value a request row", (dtype,))
+    for name, t in (("ring_d", ring_d), ("ring_d_low", ring_d_low), ("ring_k", ring_k),
+                    ("ring_k_low", ring_k_low), ("ring_g", ring_g), ("replay_indices", rows),
+                    ("write_pos", write_pos), ("cache_base", cache_base), ("is_flush", is_flush)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}; it must be on the checkpoints' device {device}")
+    return SpecRings(ring_d, ring_d_low, ring_k, ring_k_low, ring_g, rows, write_pos,
+                     cache_base, is_flush)
+
+
+def validate_spec_fold(checkpoint, ring_d, ring_d_low, ring_k, ring_k_low, ring_g,
+                       state_indices, replay_indices, write_pos, cache_base, is_flush,
+                       accept_lens, track_indices, track_steps) -> SpecFoldCall:
+    """Check one commit fold: checkpoints [layers, P, HV, V, K] and every layer's rings."""
+    _check_rank("checkpoint", checkpoint, 5, "[layers, P, HV, V, K]")
+    _check_dtype("checkpoint", checkpoint, STATE_DTYPES)
+    layers, P, HV, V, K = checkpoint.shape
+    if P < 1:
+        raise ValueError("checkpoint has no slots; it must have P >= 1")
+    _check_dense_slots("checkpoint", checkpoint, 3)
+    if not isinstance(state_indices, torch.Tensor) or state_indices.dim() != 1:
+        raise ValueError("state_indices must be a [B] tensor of the requests' slots")
+    B = state_indices.shape[0]
+    _check_index_vector("state_indices", state_indices, B, "[B]", INDEX_DTYPES)
+    rings = validate_spec_rings(ring_d, ring_d_low, ring_k, ring_k_low, ring_g, replay_indices,
+                                write_pos, cache_base, is_flush, lead=(layers,), num_heads=None,
+                                num_v_heads=HV, head_k_dim=K, head_v_dim=V, batch=B,
+                                device=checkpoint.device)
+    _check_index_vector("accept_lens", accept_lens, B, "[B], accepted tokens a request",
+                        INDEX_DTYPES)
+    if (track_indices is None) != (track_steps is None):
+        raise ValueError("track_indices and track_steps come together (the radix cache's "
+                         "snapshots) or not at all")
+    if track_indices is not None:
+        _check_index_vector("track_indices", track_indices, B, "[B], a snapshot slot or -1",
+                            INDEX_DTYPES)
+        _check_index_vector("track_steps", track_steps, B, "[B], the accepted step to snapshot",
+                            INDEX_DTYPES)
+    for name, t in (("state_indices", state_indices), ("accept_lens", accept_lens),
+                    ("track_indices", track_indices), ("track_steps", track_steps)):
+        if t is not None and t.device != checkpoint.device:
+            raise ValueError(f"{name} is on {t.device}; it must be on checkpoint's device "
+                             f"{checkpoint.device}")
+    return SpecFoldCall(checkpoint, state_indices, rings, accept_lens, track_indices,
+                        track_steps, ring_k.shape[2])

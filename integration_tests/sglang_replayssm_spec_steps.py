@@ -1,6 +1,6 @@
-"""Many ReplaySSM spec-ring verify and commit steps on the reference and on SGLang's own
-Triton kernels, from the same checkpoints, rings and cursors: returns the largest relative
-errors between the two.
+"""Many ReplaySSM spec-ring verify and commit steps on gdn_backend's ops (the reference on
+the CPU, the kernels on CUDA) and on SGLang's own Triton kernels, from the same checkpoints,
+rings and cursors: returns the largest relative errors between the two.
 
     TRITON_INTERPRET=1 python integration_tests/sglang_replayssm_spec_steps.py
 
@@ -18,9 +18,10 @@ import torch
 from sglang.kernels.ops.attention.linear.gdn_replayssm_spec_decode import (
     commit_gdn_replayssm_circular, commit_gdn_replayssm_spec, gdn_replayssm_spec_decode)
 
+import gdn_backend
 from gdn_backend.reference_replayssm_spec import (
-    replayssm_spec_commit_reference, replayssm_spec_finish_reference,
-    replayssm_spec_fold_reference, replayssm_spec_verify_reference)
+    replayssm_spec_advance_reference, replayssm_spec_finish_reference,
+    replayssm_spec_fold_reference)
 from gdn_backend.testing import relative_error
 
 H, HV, K, V, L, T = 2, 4, 128, 128, 16, 4
@@ -91,12 +92,17 @@ def compare(device: str, steps: int = 14) -> dict:
                               dtype=torch.int32, device=device)
         want = sglang_step(theirs, q, k, v, a, b, A_log, dt_bias, cu, slots, rows, accept, device)
         got = torch.full_like(want, float("nan"))
-        replayssm_spec_verify_reference(
-            q, k, v, a, b, A_log, dt_bias, *(ours[name] for name in NAMES[:6]), cu, slots, rows,
-            ours["write_pos"], ours["cache_base"], ours["is_flush"], got, scale=K**-0.5)
-        replayssm_spec_commit_reference(*(ours[name] for name in NAMES[:6]), slots, rows,
-                                        ours["write_pos"], ours["cache_base"],
-                                        ours["is_flush"], accept, max_tokens=T)
+        gdn_backend.replayssm_spec_verify(
+            q[None], k[None], v[None], a[None], b[None], A_log, dt_bias,
+            *(ours[name] for name in NAMES[:6]), cu, slots, rows, ours["write_pos"],
+            ours["cache_base"], ours["is_flush"], max_tokens=T, out=got[None])
+        # SGLang's advance is elementwise on the batch; gdn_backend takes the fold after it.
+        replayssm_spec_advance_reference(ours["write_pos"], ours["cache_base"],
+                                         ours["is_flush"], accept, rows, ring_len=L,
+                                         max_tokens=T, fold_every_commit=False)
+        gdn_backend.replayssm_spec_fold(*(ours[name] for name in NAMES[:6]), slots, rows,
+                                        ours["write_pos"], ours["cache_base"], ours["is_flush"],
+                                        accept)
         errors["output"] = max(errors["output"], relative_error(got, want))
         errors["padding_rows_zero"] &= bool((got[4:8] == 0).all())
         errors["folds"] += int((ours["write_pos"][rows[slots >= 0].long()] == 0).sum())

@@ -193,7 +193,7 @@ def test_replayssm_buffers_outside_packed_decode_are_refused_naming_the_option()
     layer = SGLangLayer("cpu", seed=4)
     mixed, a, b, idx = layer.batch(2, 2)
     q, k, v = (x.view(1, 2, -1, 128) for x in torch.split(mixed, [H * K, H * K, HV * V], -1))
-    with pytest.raises(NotImplementedError, match="--enable-linear-replayssm-spec"):
+    with pytest.raises(NotImplementedError, match="replayssm_g here"):
         GDNBackendKernel().decode(
             q, k, v, a, b, A_log=layer.A_log, dt_bias=layer.dt_bias,
             ssm_states=layer.ssm_states, cache_indices=idx, query_start_loc=None,

@@ -17,7 +17,7 @@ import torch
 
 def variants() -> dict:
     from gdn_backend.kernels.compile import KernelConfig
-    from gdn_backend.kernels.heuristics import TILES, ring_tiles_for, tiles_for
+    from gdn_backend.kernels.heuristics import TILES, ring_tiles_for, spec_tiles_for, tiles_for
 
     out = {}
     for state in (torch.float32, torch.bfloat16):
@@ -74,6 +74,27 @@ def variants() -> dict:
         out[f"{s}_replayssm_L1"] = replace(base, ring_len=1, ring_dtype=state)
         out[f"{s}_replayssm_L32_unaligned"] = replace(
             base, ring_len=32, ring_dtype=state, ring_vectorized=False, state_vectorized=False)
+        # The spec ring (bf16 records, int64 request rows): the verify at each window and
+        # tile, the fold with and without snapshots, the cursor reset.
+        spec = replace(base, ring_len=16, ring_dtype=torch.bfloat16,
+                       row_index_dtype=torch.int64)
+        for tile in dict.fromkeys(t for hv in (4, 32)
+                                  for t in spec_tiles_for(hv, 128, state.itemsize)):
+            for T in (2, 3, 4, 8):
+                out[f"{s}_spec_verify{tile.rows_per_cta}x{tile.rows_per_thread}_T{T}"] = replace(
+                    spec, tokens=T, rows_per_cta=tile.rows_per_cta,
+                    rows_per_thread=tile.rows_per_thread, spec="verify", ragged=True,
+                    update_state=False)
+            for track in (False, True):
+                name = f"{s}_spec_fold{tile.rows_per_cta}x{tile.rows_per_thread}"
+                out[name + ("_track" if track else "")] = replace(
+                    spec, rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
+                    spec="fold", track=track)
+        out[f"{s}_spec_verify_int32_rows_unaligned"] = replace(
+            spec, tokens=4, spec="verify", ragged=True, update_state=False,
+            row_index_dtype=torch.int32, ring_vectorized=False, state_vectorized=False)
+    out["spec_finish"] = replace(spec, spec="finish", rows_per_cta=8, rows_per_thread=1)
+    out["spec_finish_track"] = replace(out["spec_finish"], track=True)
     return out
 
 

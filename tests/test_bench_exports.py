@@ -13,7 +13,8 @@ from gdn_backend.bench import vllm as bench_vllm
 EXPORTS = {  # package: (peer module, {kernel module: function it must hold})
     "sglang": (bench_sglang, {bench_sglang.PACKED: "fused_recurrent_gated_delta_rule_packed_decode",
                               bench_sglang.UNPACKED: "fused_sigmoid_gating_delta_rule_update",
-                              bench_sglang.RING: "fused_recurrent_gdn_replayssm_decode"}),
+                              bench_sglang.RING: "fused_recurrent_gdn_replayssm_decode",
+                              bench_sglang.SPEC_RING: "commit_gdn_replayssm_spec"}),
     "vllm": (bench_vllm, {bench_vllm.KERNEL: "fused_sigmoid_gating_delta_rule_update"}),
 }
 

@@ -123,3 +123,11 @@ def test_per_token_slots_on_fp32_at_tp8_take_fine_tiles_at_two_tokens(batch):
 def test_the_fine_verify_tile_stays_where_it_was_measured(batch, heads, tokens, state_bytes,
                                                           options):
     assert choose_tile(batch, heads, 128, tokens, state_bytes, **options) == LARGE
+
+
+def test_the_spec_ring_takes_64_row_tiles_on_bf16_checkpoints_32_on_fp32_8_when_tiny():
+    from gdn_backend.kernels.heuristics import LARGE, SPEC_WIDE, TINY, choose_spec_tile
+
+    assert choose_spec_tile(256, 32, 128, 2) == SPEC_WIDE
+    assert choose_spec_tile(256, 32, 128, 4) == LARGE
+    assert choose_spec_tile(4, 4, 128, 2) == choose_spec_tile(4, 4, 128, 4) == TINY

@@ -12,6 +12,10 @@ import torch
 from compile_variants import variants
 
 VARIANTS = variants()
+# The decode family's layout rules (one state store a token or step, the L2 prefetch) do not
+# apply to the spec ring's kernels, which have their own tests below.
+DECODE = [name for name, cfg in VARIANTS.items() if cfg.spec is None]
+FOLDS = [name for name, cfg in VARIANTS.items() if cfg.spec == "fold"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -38,7 +42,7 @@ def test_variant_compiles_for_sm90a_without_local_memory(ptx_dir, name):
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, report
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", DECODE)
 def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
     cfg = VARIANTS[name]
     ptx = (ptx_dir / f"{name}.ptx").read_text()
@@ -57,7 +61,7 @@ def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
 PREFETCH = "cp.async.bulk.prefetch.L2.global"
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", DECODE)
 def test_state_prefetch_runs_ahead_of_the_wait_and_one_launch_at_most(ptx_dir, name):
     cfg = VARIANTS[name]
     ptx = (ptx_dir / f"{name}.ptx").read_text()
@@ -72,9 +76,20 @@ def test_state_prefetch_runs_ahead_of_the_wait_and_one_launch_at_most(ptx_dir, n
         assert PREFETCH not in ptx[:wait]
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", DECODE)
 def test_each_cta_prefetches_one_later_tile_once_the_indices_are_final(ptx_dir, name):
     cfg = VARIANTS[name]
     ptx = (ptx_dir / f"{name}.ptx").read_text()
     after_wait = ptx[ptx.index("griddepcontrol.wait"):] if cfg.use_pdl else ptx
     assert after_wait.count(PREFETCH) == (1 if cfg.state_vectorized else 0)
+
+
+@pytest.mark.parametrize("name", FOLDS)
+def test_the_fold_writes_states_in_16_byte_vectors(ptx_dir, name):
+    """The folded checkpoint, and with snapshots the track slot (before the records or after
+    one of them): each a copy of the thread's rows in 16-byte stores."""
+    cfg = VARIANTS[name]
+    ptx = (ptx_dir / f"{name}.ptx").read_text()
+    stores = sum(ptx.count(f"st.global.v4.{t}") for t in ("f32", "b32"))
+    per_copy = cfg.rows_per_thread * cfg.head_k_dim // (8 * 16 // cfg.state_dtype.itemsize)
+    assert stores == per_copy * (3 if cfg.track else 1)

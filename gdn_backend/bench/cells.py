@@ -16,6 +16,8 @@ use it as a padding sink). Modes (SPEC.md):
 - replayssm: SGLang's ReplaySSM decode (--enable-linear-replayssm, rings of L = 16 in the
   pool's dtype): one token, each request's cursor uniform over 0 .. L - 1 (the steady state:
   a 16th of the requests flush each step), force flags given and zero.
+- spec: SGLang's ReplaySSM spec ring (--enable-linear-replayssm-spec): verify, cursor
+  advance and commit fold, a round a step (spec_ring.py has its own cells).
 
 Bytes a valid request must move: one state read, plus one written for each state the mode
 keeps (decode 1, verify and slots T, ragged its length). ReplaySSM: the checkpoint read and
@@ -33,7 +35,7 @@ import torch
 from ..op import gated_delta_rule_decode, split_packed_qkv
 from ..replayssm import replayssm_decode
 
-MODES = ("decode", "verify", "slots", "ragged", "replayssm")
+MODES = ("decode", "verify", "slots", "ragged", "replayssm", "spec")
 SHAPES = {"TP1": (16, 32), "TP8": (2, 4)}
 POOLS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 K = V = 128
@@ -155,9 +157,14 @@ class Cell:
                                 **options)
 
     def copy_of(self, nbytes: int):
-        """fn(i): a device copy moving `nbytes` (read + write), from and to a buffer of its own
-        for every set (cold both ways)."""
-        n = nbytes // 2 // 256 * 64  # whole 256-byte rows: every set's buffer stays aligned
-        src = torch.randint(-(1 << 30), 1 << 30, (self.sets, n), dtype=torch.int32, device="cuda")
-        dst = torch.empty_like(src)
-        return lambda i: dst[i].copy_(src[i])
+        """fn(i): a device copy moving `nbytes`, a buffer of its own for every set."""
+        return copy_of(self.sets, nbytes)
+
+
+def copy_of(sets: int, nbytes: int):
+    """fn(i): a device copy moving `nbytes` (read + write), from and to a buffer of its own
+    for each of `sets` sets (cold both ways)."""
+    n = nbytes // 2 // 256 * 64  # whole 256-byte rows: every set's buffer stays aligned
+    src = torch.randint(-(1 << 30), 1 << 30, (sets, n), dtype=torch.int32, device="cuda")
+    dst = torch.empty_like(src)
+    return lambda i: dst[i].copy_(src[i])

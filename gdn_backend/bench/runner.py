@@ -32,7 +32,8 @@ import torch
 from ..kernels.heuristics import serves
 from ..op import warmup
 from ..replayssm import warmup_replayssm
-from . import fla, flashinfer, sglang, torch_step, vllm
+from ..replayssm_spec import warmup_replayssm_spec
+from . import fla, flashinfer, sglang, spec_ring, torch_step, vllm
 from .cells import MODES, POOLS, RING, SHAPES, Cell
 from .plot import plot
 from .tiles import forced_tile, parse_tile, tile_name
@@ -40,7 +41,7 @@ from .timing import copy_ceiling_tbps, time_graph
 
 BATCHES = (1, 4, 16, 32, 64, 128, 256)
 TOKENS = {"decode": (1, 2, 4), "verify": (2, 3, 4, 8), "slots": (2, 3, 4, 8),
-          "ragged": (2, 3, 4, 8), "replayssm": (1,)}
+          "ragged": (2, 3, 4, 8), "replayssm": (1,), "spec": (4,)}
 # Peers by the key of their time in a row. Gather/scatter peers allocate inside the graph,
 # so they replay fewer sets.
 PEERS = {"sglang_us": sglang, "vllm_us": vllm, "flashinfer_us": flashinfer,
@@ -60,6 +61,10 @@ def run(modes, shapes, pools, batches, tokens, replays: int, peers: bool, tiles=
             for pool in pools:
                 for T in tokens or TOKENS[mode]:
                     for B in batches:
+                        if mode == "spec":
+                            rows.append(spec_row(shape, pool, B, T, B == batches[0], present,
+                                                 replays, ceiling, tiles))
+                            continue
                         cell = Cell(mode, shape, pool, B, T)
                         if B == batches[0]:
                             warmup(device="cuda", num_heads=cell.H, num_v_heads=cell.HV,
@@ -82,6 +87,28 @@ def run(modes, shapes, pools, batches, tokens, replays: int, peers: bool, tiles=
                       "median of replays; copy = device copy of the bytes the mode moves, same "
                       "method",
             "rows": rows}
+
+
+def spec_row(shape: str, pool: str, B: int, T: int, first: bool, peers: dict, replays: int,
+             ceiling: float, tiles=()) -> dict:
+    """One spec-ring cell (spec_ring.py), printed; SGLang's step needs its exported kernels
+    (its cursor advance runs on both sides)."""
+    if "sglang_us" not in peers:
+        raise SystemExit("--modes spec needs SGLang's kernels (bench/sglang.py): the cursor "
+                         "advance both sides run is SGLang's")
+    cell = spec_ring.SpecCell(shape, pool, B, T)
+    if first:
+        warmup(device="cuda", num_heads=cell.H, num_v_heads=cell.HV, state_dtype=POOLS[pool],
+               dt_bias_dtype=torch.float32, tokens=(T,), intermediate=True)
+        warmup_replayssm_spec(device="cuda", num_heads=cell.H, num_v_heads=cell.HV,
+                              max_tokens=T, ring_len=spec_ring.RING, state_dtype=POOLS[pool],
+                              dt_bias_dtype=torch.float32)
+    row = spec_ring.time_cell(cell, True, replays, time_graph, tiles)
+    row["pct_ceiling"] = 100 * row["tbps"] / ceiling
+    print(format_row(row, peers), flush=True)
+    del cell
+    torch.cuda.empty_cache()
+    return row
 
 
 def time_cell(cell: Cell, peers: dict, replays: int, tiles=()) -> dict:
@@ -126,7 +153,8 @@ def format_row(r: dict, peers=PEERS) -> str:
         return f" | {r[key]:10.2f} {r[key] / r['copy_us']:5.2f}x"
     tiles = "".join(f" | {name} {us / r['copy_us']:5.2f}x" for name, us in r.get("tile_us", {}).items())
     tiles += "".join(f" | {key.removesuffix('_us')} {r[key] / r['copy_us']:5.2f}x"
-                     for key in ("own_copy_us", "classic_us", "sglang_classic_us") if key in r)
+                     for key in ("own_copy_us", "classic_us", "sglang_classic_us",
+                                 "spec_verify_us", "baseline_us") if key in r)
     return (f"{r.get('mode', 'decode'):6} {r['shape']:5} {r['pool']:4} {r['T']:>1} {r['B']:>4} | "
             f"{r['ours_us']:8.2f} {r['copy_us']:8.2f} {r['ratio']:5.2f}x {r['tbps']:5.2f} "
             f"{r['pct_ceiling']:5.1f}{''.join(peer(key) for key in peers)}{tiles}")

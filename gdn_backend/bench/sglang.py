@@ -13,7 +13,8 @@ The benchmark then times SGLang's kernels on every cell, on the pool and slot in
 place, called as SGLang calls them: decode with the packed kernel (SGLang's default on CUDA)
 at T = 1 and the unpacked one for T > 1, where the packed one does not apply; chain verify
 and ragged verify with the unpacked kernel on [1, N] tokens, `query_start_loc` and its
-intermediate-state buffer. Nothing of SGLang is kept in this repository.
+intermediate-state buffer; ReplaySSM decode and the spec ring's verify, cursor advance and
+fold with their own Triton kernels. Nothing of SGLang is kept in this repository.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ KERNEL_FILES = (
     "kernels/ops/attention/fla/fused_recurrent.py",
     "kernels/ops/attention/linear/fused_sigmoid_gating_recurrent.py",
     "kernels/ops/attention/linear/fused_recurrent_linear_replayssm.py",
+    "kernels/ops/attention/linear/gdn_replayssm_spec_decode.py",
 )
 PACKED = "sglang.kernels.ops.attention.fla.fused_recurrent"
 UNPACKED = "sglang.kernels.ops.attention.linear.fused_sigmoid_gating_recurrent"
 RING = "sglang.kernels.ops.attention.linear.fused_recurrent_linear_replayssm"
+SPEC_RING = "sglang.kernels.ops.attention.linear.gdn_replayssm_spec_decode"
 
 # Stand-ins for the SGLang helpers the kernel modules import: device and version queries.
 HELPERS = {

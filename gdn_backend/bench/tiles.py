@@ -41,11 +41,12 @@ def tile_name(tile: Tile) -> str:
 
 @contextlib.contextmanager
 def forced_tile(tile: Tile):
-    """Within: every decode launch (ReplaySSM's too) takes `tile` in place of the dispatch's
-    choice."""
-    chosen, ring = launch.choose_tile, launch.choose_ring_tile
-    launch.choose_tile = launch.choose_ring_tile = lambda *shape, **options: tile
+    """Within: every decode launch (ReplaySSM's rings and the spec ring's too) takes `tile` in
+    place of the dispatch's choice."""
+    chosen = launch.choose_tile, launch.choose_ring_tile, launch.choose_spec_tile
+    launch.choose_tile = launch.choose_ring_tile = launch.choose_spec_tile = (
+        lambda *shape, **options: tile)
     try:
         yield
     finally:
-        launch.choose_tile, launch.choose_ring_tile = chosen, ring
+        launch.choose_tile, launch.choose_ring_tile, launch.choose_spec_tile = chosen

@@ -11,9 +11,10 @@ HookRegistry), the place where SGLang picks its GDN kernels: when the flag names
 gdn_backend, decode and chain speculative verify go to `GDNBackendKernel`, which
 runs gdn_backend's op on SGLang's own `ssm_states` pool and `cache_indices`
 (PAD_SLOT_ID = -1 padding) with no copy, gather or scatter; with
---enable-linear-replayssm, decode runs gdn_backend's ring kernel on SGLang's rings, and a
-resolution hook lets that flag through SGLang's argument check. Prefill, tree verify and
-the ReplaySSM spec ring stay on SGLang's kernels.
+--enable-linear-replayssm, decode runs gdn_backend's ring kernel on SGLang's rings; with
+--enable-linear-replayssm-spec, the spec ring's verify and commit fold run gdn_backend's
+(sglang_spec_ring.py). A resolution hook lets both flags through SGLang's argument check.
+Prefill and tree verify stay on SGLang's kernels.
 
 Written against SGLang 0.5.23.
 """
@@ -27,6 +28,7 @@ import torch
 from ..kernels.launch import SUPPORTED_HEAD_DIMS
 from ..op import gated_delta_rule_decode, split_packed_qkv
 from ..replayssm import replayssm_decode
+from . import sglang_spec_ring
 
 
 def _kernel_base() -> type:
@@ -58,8 +60,9 @@ def _refuse_unserved(kwargs: dict) -> None:
               if name.startswith("replayssm_") and value is not None]
     if served:
         raise NotImplementedError(
-            f"gdn_backend serves SGLang's ReplaySSM decode through packed decode only (got "
-            f"{', '.join(served)} here): turn off --enable-linear-replayssm-spec, or drop {FLAG}")
+            f"gdn_backend takes SGLang's ReplaySSM buffers in packed decode (the decode ring) "
+            f"and in the spec ring's own hooks only (got {', '.join(served)} here): turn off "
+            f"the ReplaySSM flags, or drop {FLAG}")
 
 
 class GDNBackendKernel(_kernel_base()):
@@ -221,27 +224,31 @@ def _dispatcher_init(original, self, decode_backend, prefill_backend, verify_bac
     if serve_verify:
         self.verify_kernel = kernel
         self.verify_kernel_is_flashinfer = False
-    logger.info("gdn_backend active: GDN decode%s%s run on gdn_backend's pooled CuTe DSL kernels",
-                " (on ReplaySSM's rings)" if mamba.enable_linear_replayssm else "",
-                " and chain verify" if serve_verify else "")
+    logger.info("gdn_backend active: GDN decode%s%s%s run on gdn_backend's pooled CuTe DSL "
+                "kernels", " (on ReplaySSM's rings)" if mamba.enable_linear_replayssm else "",
+                " and chain verify" if serve_verify else "",
+                " and the ReplaySSM spec ring's verify and fold"
+                if mamba.enable_linear_replayssm_spec else "")
 
 
 def _linear_attn_checks(server_args, previous) -> None:
     """SGLang's resolution step for the linear-attention flags, with gdn_backend accepted
-    for ReplaySSM decode.
+    for both ReplaySSM modes.
 
     SGLang's step lists the decode kernels that serve --enable-linear-replayssm (triton,
-    helion) and raises for any other. gdn_backend serves it too: the step runs with the
-    decode choice declared as triton, so that every other ReplaySSM guard still applies,
-    and the choice is declared back to gdn_backend after it. The spec ring
-    (--enable-linear-replayssm-spec) is not served and keeps SGLang's error.
+    helion) and --enable-linear-replayssm-spec (triton, flashinfer) and raises for any
+    other. gdn_backend serves both: the step runs with the decode choice declared as
+    triton, so that every other ReplaySSM guard still applies (cache length, radix
+    strategy, PD, draft chains only, the two modes exclusive), and the choice is declared
+    back to gdn_backend after it.
     """
     from sglang.srt.arg_groups.model_override_base import resolving_view
     from sglang.srt.arg_groups.overrides import declare_resolution
 
     cfg = resolving_view(server_args)
     decode = cfg.linear_attn_decode_backend or cfg.linear_attn_backend
-    if decode != BACKEND_NAME or not cfg.enable_linear_replayssm:
+    if decode != BACKEND_NAME or not (cfg.enable_linear_replayssm
+                                      or cfg.enable_linear_replayssm_spec):
         return previous(server_args)
     declare_resolution(server_args, __name__, linear_attn_decode_backend="triton")
     previous(server_args)
@@ -265,4 +272,5 @@ def register() -> None:
         return
     HookRegistry.register(DISPATCHER_INIT, _dispatcher_init, HookType.AROUND)
     register_resolution_hook(LINEAR_ATTN_CHECKS)(_linear_attn_checks)
+    sglang_spec_ring.register()
     _registered = True

@@ -51,6 +51,11 @@ class KernelConfig:
     ring_dtype: torch.dtype | None = None  # the d and k rings'
     force_flush: bool = False              # a per-request flag can force the flush
     ring_vectorized: bool = True           # ring keys allow vector reads of K/32 elements
+    # The spec ring (replayssm_spec.py): "verify", "fold" or "finish", on rings of ring_len
+    # records keyed by request rows (indices of row_index_dtype); the fold over `track` slots.
+    spec: str | None = None
+    row_index_dtype: torch.dtype | None = None
+    track: bool = False
 
 
 def qk_chunk(head_k_dim: int) -> int:
@@ -129,6 +134,9 @@ def fake_arguments(cfg: KernelConfig) -> tuple:
         cu_seqlens = fake(cutlass.Int32, (cute.sym_int(),), stride=(1,), assumed_align=4)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     tail = (cutlass.Float32(1.0), cutlass.Int32(0), stream)
+    if cfg.spec == "verify":
+        return (q, k, v, a, b, A_log, dt_bias, pool, idx, out, flag, *fake_spec_rings(cfg),
+                cu_seqlens, *tail)
     if cfg.ring_len:
         return (q, k, v, a, b, A_log, dt_bias, pool, idx, out, flag, *fake_rings(cfg), *tail)
     return (q, k, v, a, b, A_log, dt_bias, pool, idx, out, flag, inter, inter_idx, accepted,
@@ -156,6 +164,77 @@ def fake_rings(cfg: KernelConfig) -> tuple:
     return ring_d, ring_k, ring_g, cursor, force
 
 
+def fake_spec_rings(cfg: KernelConfig, layers: bool = False) -> tuple:
+    """The spec ring: d, d_low [R, HV, L, V], k, k_low [R, H, L, K], g [R, HV, L], then the
+    request rows [B] and the rows' cursors write_pos, cache_base [R] and is_flush [R] int8.
+    With `layers`, the rings lead with every layer: [layers, R, ...]."""
+    import cutlass
+    import cutlass.cute as cute
+
+    H, HV, K, V, L = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim, cfg.ring_len
+    fake, sym64 = cute.runtime.make_fake_tensor, cute.sym_int64
+    ring = _cute_dtype(cfg.ring_dtype)
+    size = cfg.ring_dtype.itemsize
+    chunk = qk_chunk(K) if cfg.ring_vectorized else 1
+    R, B = cute.sym_int(), cute.sym_int()
+    lead = ((cute.sym_int(), R), lambda div=1: (sym64(divisibility=div), sym64(divisibility=div))) \
+        if layers else ((R,), lambda div=1: (sym64(divisibility=div),))
+    shape, strides = lead
+    ring_d = [fake(ring, (*shape, HV, L, V), stride=(*strides(), L * V, V, 1), assumed_align=size)
+              for _ in range(2)]
+    ring_k = [fake(ring, (*shape, H, L, K), stride=(*strides(chunk), L * K, K, 1),
+                   assumed_align=chunk * size) for _ in range(2)]
+    ring_g = fake(cutlass.Float32, (*shape, HV, L), stride=(*strides(), L, 1), assumed_align=4)
+    rows = fake(_cute_dtype(cfg.row_index_dtype), (B,), stride=(1,),
+                assumed_align=cfg.row_index_dtype.itemsize)
+    write_pos, cache_base = (fake(cutlass.Int32, (R,), stride=(1,), assumed_align=4)
+                             for _ in range(2))
+    is_flush = fake(cutlass.Int8, (R,), stride=(1,), assumed_align=1)
+    return (ring_d[0], ring_d[1], ring_k[0], ring_k[1], ring_g, rows, write_pos, cache_base,
+            is_flush)
+
+
+def fake_fold_arguments(cfg: KernelConfig) -> tuple:
+    """The fold's: checkpoints [layers, P, HV, V, K], slots [B], the flag, the rings of every
+    layer with the rows and cursors, then accept_lens, track slots and steps [B] int32."""
+    import cutlass
+    import cutlass.cute as cute
+
+    HV, K, V = cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
+    fake, sym64 = cute.runtime.make_fake_tensor, cute.sym_int64
+    div = 16 // cfg.state_dtype.itemsize if cfg.state_vectorized else 1
+    pool = fake(_cute_dtype(cfg.state_dtype), (cute.sym_int(), cute.sym_int(), HV, V, K),
+                stride=(sym64(divisibility=div), sym64(divisibility=div), V * K, K, 1),
+                assumed_align=16 if cfg.state_vectorized else cfg.state_dtype.itemsize)
+    B = cute.sym_int()
+    idx = fake(_cute_dtype(cfg.index_dtype), (B,), stride=(1,),
+               assumed_align=cfg.index_dtype.itemsize)
+    flag = fake(cutlass.Int32, (1,), stride=(1,), assumed_align=4)
+    per_request = [fake(cutlass.Int32, (B,), stride=(1,), assumed_align=4) for _ in range(3)]
+    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    return (pool, idx, flag, *fake_spec_rings(cfg, layers=True), *per_request, stream)
+
+
+def fake_finish_arguments(cfg: KernelConfig) -> tuple:
+    """The cursor reset's: the pool's slot count, slots and rows [B], the rows' cursors, then
+    accept_lens, track slots and steps [B] int32 (the fold's)."""
+    import cutlass
+    import cutlass.cute as cute
+
+    fake = cute.runtime.make_fake_tensor
+    B, R = cute.sym_int(), cute.sym_int()
+    idx = fake(_cute_dtype(cfg.index_dtype), (B,), stride=(1,),
+               assumed_align=cfg.index_dtype.itemsize)
+    rows = fake(_cute_dtype(cfg.row_index_dtype), (B,), stride=(1,),
+                assumed_align=cfg.row_index_dtype.itemsize)
+    write_pos, cache_base = (fake(cutlass.Int32, (R,), stride=(1,), assumed_align=4)
+                             for _ in range(2))
+    is_flush = fake(cutlass.Int8, (R,), stride=(1,), assumed_align=1)
+    per_request = [fake(cutlass.Int32, (B,), stride=(1,), assumed_align=4) for _ in range(3)]
+    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    return (cutlass.Int64(1), idx, rows, write_pos, cache_base, is_flush, *per_request, stream)
+
+
 def build(cfg: KernelConfig):
     """Compile one configuration (for the GPU this process runs on, or CUTE_DSL_ARCH)."""
     import cutlass.cute as cute
@@ -163,6 +242,11 @@ def build(cfg: KernelConfig):
     from .decode import GatedDeltaRuleDecode
     from .decode_mma import GatedDeltaRuleDecodeMMA
     from .replayssm_decode import ReplaySSMDecode
+    from .replayssm_spec import ReplaySSMSpecFinish, ReplaySSMSpecFold, ReplaySSMSpecVerify
+
+    if cfg.spec == "finish":
+        return cute.compile(ReplaySSMSpecFinish(ring_len=cfg.ring_len, track=cfg.track),
+                            *fake_finish_arguments(cfg), options="--enable-tvm-ffi")
 
     options = dict(
         num_heads=cfg.num_heads, num_v_heads=cfg.num_v_heads, head_k_dim=cfg.head_k_dim,
@@ -171,7 +255,17 @@ def build(cfg: KernelConfig):
         update_state=cfg.update_state, use_pdl=cfg.use_pdl, prefetch_state=cfg.state_vectorized,
         per_token_slots=cfg.per_token_slots, ragged=cfg.ragged,
     )
-    if cfg.ring_len:
+    if cfg.spec:
+        spec = dict(num_heads=cfg.num_heads, num_v_heads=cfg.num_v_heads,
+                    head_k_dim=cfg.head_k_dim, head_v_dim=cfg.head_v_dim,
+                    state_bytes=cfg.state_dtype.itemsize, rows_per_cta=cfg.rows_per_cta,
+                    rows_per_thread=cfg.rows_per_thread, use_pdl=cfg.use_pdl,
+                    prefetch_state=cfg.state_vectorized, ring_len=cfg.ring_len)
+        if cfg.spec == "fold":
+            return cute.compile(ReplaySSMSpecFold(track=cfg.track, **spec),
+                                *fake_fold_arguments(cfg), options="--enable-tvm-ffi")
+        kernel = ReplaySSMSpecVerify(tokens=cfg.tokens, **spec)
+    elif cfg.ring_len:
         kernel = ReplaySSMDecode(rows_per_thread=cfg.rows_per_thread, ring_len=cfg.ring_len,
                                  force_flush=cfg.force_flush, **options)
     else:

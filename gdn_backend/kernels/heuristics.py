@@ -62,6 +62,7 @@ TINY = Tile(rows_per_cta=8, rows_per_thread=1)     # 64 threads, 16 CTAs per hea
 MMA = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)       # 64 threads
 MMA_WIDE = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)  # 128 threads
 RING_WIDE = Tile(rows_per_cta=64, rows_per_thread=4)  # 128 threads, 2 CTAs per head
+SPEC_WIDE = Tile(rows_per_cta=64, rows_per_thread=2)  # 256 threads, 2 CTAs per head
 TILES = (WIDE, LARGE, TINY, MMA, MMA_WIDE)
 # ReplaySSM decode: 64-row tiles from this many heads (B x HV).
 RING_WIDE_FROM_HEADS = 512
@@ -126,4 +127,21 @@ def choose_ring_tile(batch: int, num_v_heads: int, head_v_dim: int) -> Tile:
 def ring_tiles_for(num_v_heads: int, head_v_dim: int) -> tuple[Tile, ...]:
     """Every tile `choose_ring_tile` can return for some batch size."""
     return tuple(dict.fromkeys(choose_ring_tile(b, num_v_heads, head_v_dim)
+                               for b in range(1, 4097)))
+
+
+def choose_spec_tile(batch: int, num_v_heads: int, head_v_dim: int, state_bytes: int) -> Tile:
+    """The tile for the spec ring's verify and fold (replayssm_spec.py), from a sweep
+    (docs/performance.md): 32 x 2 on fp32 checkpoints, 64 x 2 on bf16 ones (0.11-0.17 of the
+    copy better at B = 256, within 0.02 at B = 16), 8-row tiles where 32-row ones leave SMs
+    idle. Smaller tiles lose: each CTA pays the window's and records' staging. Rows a thread
+    stay at 2: the verify holds T update vectors a row (126 registers at T = 4)."""
+    if latency_bound(batch * num_v_heads, head_v_dim):
+        return TINY
+    return SPEC_WIDE if state_bytes == 2 else LARGE
+
+
+def spec_tiles_for(num_v_heads: int, head_v_dim: int, state_bytes: int) -> tuple[Tile, ...]:
+    """Every tile `choose_spec_tile` can return for some batch size."""
+    return tuple(dict.fromkeys(choose_spec_tile(b, num_v_heads, head_v_dim, state_bytes)
                                for b in range(1, 4097)))

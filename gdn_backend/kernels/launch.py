@@ -12,9 +12,10 @@ from dataclasses import replace
 
 import torch
 
-from ..validation import Call, Problem, RingCall
+from ..validation import Call, Problem, RingCall, SpecFoldCall, SpecVerifyCall
 from . import compile as _compile
-from .heuristics import choose_ring_tile, choose_tile, ring_tiles_for, tiles_for
+from .heuristics import (TINY, choose_ring_tile, choose_spec_tile, choose_tile, ring_tiles_for,
+                         spec_tiles_for, tiles_for)
 
 SUPPORTED_HEAD_DIMS = (128,)
 
@@ -92,7 +93,11 @@ def gated_delta_rule_decode(call: Call, error_flag: torch.Tensor) -> None:
 
 def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
     """`base` at every tile the heuristic can choose for some batch size."""
-    if base.ring_len:
+    if base.spec == "finish":
+        return [base]
+    if base.spec:
+        tiles = spec_tiles_for(base.num_v_heads, base.head_v_dim, base.state_dtype.itemsize)
+    elif base.ring_len:
         tiles = ring_tiles_for(base.num_v_heads, base.head_v_dim)
     else:
         tiles = tiles_for(base.num_v_heads, base.head_v_dim, base.tokens,
@@ -128,3 +133,74 @@ def replayssm_decode(rc: RingCall, error_flag: torch.Tensor) -> None:
         kernel(c.q, c.k, c.v, c.a, c.b, c.A_log, c.dt_bias, c.state_pool, c.state_indices,
                c.out, error_flag, rc.ring_d, rc.ring_k, rc.ring_g, rc.write_pos,
                rc.force_flush, c.scale, c.min_valid_slot)
+
+
+def _spec_rings_vectorized(rings) -> bool:
+    chunk = _compile.qk_chunk(rings.ring_k.shape[-1])
+    return all(_aligned(t, chunk, t.stride()[:-3]) for t in (rings.ring_k, rings.ring_k_low))
+
+
+def spec_verify_config(vc: SpecVerifyCall) -> _compile.KernelConfig:
+    """The spec ring's verify, at the spec tile."""
+    p, rings = vc.call.problem, vc.rings
+    tile = choose_spec_tile(p.batch, p.num_v_heads, p.head_v_dim,
+                            vc.call.state_pool.element_size())
+    return replace(config_for(vc.call), rows_per_cta=tile.rows_per_cta,
+                   rows_per_thread=tile.rows_per_thread, tensor_cores=False,
+                   ring_len=rings.ring_len, ring_dtype=rings.ring_d.dtype, spec="verify",
+                   row_index_dtype=rings.rows.dtype,
+                   ring_vectorized=_spec_rings_vectorized(rings))
+
+
+def replayssm_spec_verify(vc: SpecVerifyCall, error_flag: torch.Tensor) -> None:
+    c, r = vc.call, vc.rings
+    device = c.state_pool.device
+    check_supported(c.problem, device)
+    kernel = _compile.CACHE.get(spec_verify_config(vc), device.index)
+    with on_device(device):
+        kernel(c.q, c.k, c.v, c.a, c.b, c.A_log, c.dt_bias, c.state_pool, c.state_indices,
+               c.out, error_flag, r.ring_d, r.ring_d_low, r.ring_k, r.ring_k_low, r.ring_g,
+               r.rows, r.write_pos, r.cache_base, r.is_flush, c.cu_seqlens, c.scale,
+               c.min_valid_slot)
+
+
+def spec_fold_configs(fc: SpecFoldCall) -> tuple[_compile.KernelConfig, _compile.KernelConfig]:
+    """The commit's fold and its cursor reset."""
+    layers, P, HV, V, K = fc.checkpoint.shape
+    rings = fc.rings
+    tile = choose_spec_tile(fc.batch * layers, HV, V, fc.checkpoint.element_size())
+    vec = 16 // fc.checkpoint.element_size()
+    fold = _compile.KernelConfig(
+        num_heads=fc.num_heads, num_v_heads=HV, head_k_dim=K, head_v_dim=V, tokens=1,
+        qkv_dtype=rings.ring_d.dtype, gate_dtype=torch.float32, A_log_dtype=torch.float32,
+        dt_bias_dtype=torch.float32, state_dtype=fc.checkpoint.dtype,
+        index_dtype=fc.state_indices.dtype, rows_per_cta=tile.rows_per_cta,
+        rows_per_thread=tile.rows_per_thread,
+        state_vectorized=_aligned(fc.checkpoint, vec, fc.checkpoint.stride()[:2]),
+        use_pdl=_compile.USE_PDL, ring_len=rings.ring_len, ring_dtype=rings.ring_d.dtype,
+        ring_vectorized=_spec_rings_vectorized(rings), spec="fold",
+        row_index_dtype=rings.rows.dtype, track=fc.track_indices is not None)
+    return fold, replace(fold, spec="finish", rows_per_cta=TINY.rows_per_cta,
+                         rows_per_thread=TINY.rows_per_thread, state_vectorized=True,
+                         ring_vectorized=True, use_pdl=False)
+
+
+def replayssm_spec_fold(fc: SpecFoldCall, error_flag: torch.Tensor) -> None:
+    device = fc.checkpoint.device
+    layers, P, HV, V, K = fc.checkpoint.shape
+    check_supported(Problem(fc.batch, 1, fc.num_heads, HV, K, V, P), device)
+    fold_cfg, finish_cfg = spec_fold_configs(fc)
+    fold = _compile.CACHE.get(fold_cfg, device.index)
+    finish = _compile.CACHE.get(finish_cfg, device.index)
+    r = fc.rings
+    # The fold reads accept_lens and the snapshots as int32 (a cast where they are not);
+    # without snapshots it is handed accept_lens in their place and never reads them.
+    accept = fc.accept_lens.to(torch.int32)
+    track = accept if fc.track_indices is None else fc.track_indices.to(torch.int32)
+    steps = accept if fc.track_steps is None else fc.track_steps.to(torch.int32)
+    with on_device(device):
+        fold(fc.checkpoint, fc.state_indices, error_flag, r.ring_d, r.ring_d_low, r.ring_k,
+             r.ring_k_low, r.ring_g, r.rows, r.write_pos, r.cache_base, r.is_flush, accept,
+             track, steps)
+        finish(fc.checkpoint.shape[1], fc.state_indices, r.rows, r.write_pos, r.cache_base,
+               r.is_flush, accept, track, steps)
