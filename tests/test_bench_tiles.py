@@ -81,3 +81,27 @@ def test_a_replayssm_row_prints_its_own_copy_and_the_classic_steps_beside_it():
                classic_us=42.0, sglang_classic_us=44.0)
     assert runner.format_row(row).endswith(
         "| own_copy  0.60x | classic  1.05x | sglang_classic  1.10x")
+
+
+def test_a_forced_tile_reaches_the_spec_rings_verify_and_fold_configurations():
+    from gdn_backend.replayssm_spec import _validate_fold, _validate_verify
+    from gdn_backend.testing import SpecRing
+
+    ring = SpecRing(8, 4, 16, 32, layers=2)
+    q, k, v, a, b, cu = ring.window([4, 4])
+    two = torch.tensor([1, 2], dtype=torch.int32)
+    vc = _validate_verify(q, k, v, a, b, ring.A_log, ring.dt_bias, ring.checkpoint[0],
+                          *ring.rings(0), cu, two, two, *ring.cursors, torch.empty_like(v), 4,
+                          1.0, 0)
+    fc = _validate_fold(ring.checkpoint, *ring.rings(None), two, two, *ring.cursors, two,
+                        None, None)
+    with tiles.forced_tile(Tile(rows_per_cta=16, rows_per_thread=1)):
+        verify, (fold, _) = launch.spec_verify_config(vc), launch.spec_fold_configs(fc)
+    for cfg in (verify, fold):
+        assert (cfg.rows_per_cta, cfg.rows_per_thread) == (16, 1)
+
+
+def test_a_spec_row_prints_its_verify_and_baseline_beside_it():
+    row = dict(mode="spec", shape="TP1", pool="fp32", T=4, B=64, ours_us=60.0, copy_us=100.0,
+               ratio=0.6, tbps=2.0, pct_ceiling=50.0, spec_verify_us=45.0, baseline_us=110.0)
+    assert runner.format_row(row).endswith("| spec_verify  0.45x | baseline  1.10x")

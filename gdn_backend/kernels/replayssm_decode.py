@@ -37,6 +37,24 @@ from .heuristics import LANES_PER_ROW
 WEIGHT, KEY_K, KEY_Q = range(3)
 
 
+@cute.jit
+def record_weights(log_decay: Float32, warp_lane: Int32, held: Int32):
+    """(W_j, Γ) of a ring whose record j's log-decay g_j lane j of the warp holds (0 from
+    `held` on): W_j = exp(Σ_{i>j} g_i), the decay after record j, by a suffix scan over the
+    warp, and Γ = Σ_j g_j, the whole ring's, on every lane."""
+    suffix = log_decay
+    for step in cutlass.range_constexpr(5):
+        offset = 1 << step
+        later = cute.arch.shuffle_sync_down(suffix, offset=offset)
+        if warp_lane + offset < 32:
+            suffix = suffix + later
+    total = cute.arch.shuffle_sync(suffix, 0)
+    weight = Float32(0.0)
+    if warp_lane < held:
+        weight = Float32(cute.math.exp(suffix - log_decay))
+    return weight, total
+
+
 class ReplaySSMDecode(GatedDeltaRuleDecode):
     """GatedDeltaRuleDecode's tile at T = 1, on a checkpoint and its ring of L records.
 
@@ -200,16 +218,7 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
         Lane j of every warp holds g_j (0 from the cursor on): a suffix scan over the warp
         gives Σ_{i>j} g_i. A record's dots take the 8-lane row reduction, as a state row's do.
         """
-        suffix = log_decay
-        for step in cutlass.range_constexpr(5):
-            offset = 1 << step
-            later = cute.arch.shuffle_sync_down(suffix, offset=offset)
-            if warp_lane + offset < 32:
-                suffix = suffix + later
-        total = cute.arch.shuffle_sync(suffix, 0)
-        weight = Float32(0.0)
-        if warp_lane < cursor:
-            weight = Float32(cute.math.exp(suffix - log_decay))
+        weight, total = record_weights(log_decay, warp_lane, cursor)
 
         k_hat = self.lane_columns(units[None, 0, 0], lane).load()
         q_hat = self.lane_columns(units[None, 1, 0], lane).load()

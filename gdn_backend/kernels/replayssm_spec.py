@@ -35,6 +35,7 @@ from cutlass import Float32, Int32, Int64, const_expr
 from ..validation import MAX_RING
 from .decode import BETA, DECAY, KQ, SMEM_SKEW, SMEM_SKEW_EVERY, GatedDeltaRuleDecode
 from .heuristics import LANES_PER_ROW
+from .replayssm_decode import record_weights
 
 # sWin[X, a, s]: k̂_a·k̂_s (KK), k̂_a·q̂_s (KQW), F_as (FACTOR); sWin[E, 0, s]: E_s.
 KK, KQW, FACTOR, E = range(4)
@@ -180,16 +181,7 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
     @cute.jit
     def stage_records(self, keys, log_decay, units, sRec, group, lane, warp_lane, held):
         """λ_c (κ_c·k̂_s) and λ_c (κ_c·q̂_s) of every record and window token; returns Γ."""
-        suffix = log_decay
-        for step in cutlass.range_constexpr(5):
-            offset = 1 << step
-            later = cute.arch.shuffle_sync_down(suffix, offset=offset)
-            if warp_lane + offset < 32:
-                suffix = suffix + later
-        total = cute.arch.shuffle_sync(suffix, 0)
-        weight = Float32(0.0)
-        if warp_lane < held:
-            weight = Float32(cute.math.exp(suffix - log_decay))
+        weight, total = record_weights(log_decay, warp_lane, held)
         whole = [high.load().to(Float32) + low.load().to(Float32) for high, low in keys]
         weights = [cute.arch.shuffle_sync(weight, (group + self.groups * i) % 32)
                    for i in range(self.key_rounds)]
