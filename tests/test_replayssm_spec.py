@@ -99,6 +99,26 @@ def test_every_spec_tile_equals_the_reference(monkeypatch, tile):
         assert torch.equal(now.cpu(), then)
 
 
+def test_a_cache_base_off_the_circle_wraps_as_sglangs_mask_does(device):
+    """Ring positions are (cache_base + c) mod L for any cache_base, so a cursor SGLang never
+    writes still reads and writes inside its row's ring."""
+    ring = SpecRing(4, 3, layers=1, device=device, seed=14)
+    ring.write_pos.copy_(indices([5, 2, 7], device))
+    ring.cache_base.copy_(indices([-3, 37, 1 << 20], device))
+    window = ring.window([T, T, T])
+    slots, rows = indices([1, 2, 3], device), indices([0, 1, 2], device)
+    ref, want = verify_reference(ring, window, slots, rows)
+    out = verify(ring, window, slots, rows)
+    assert relative_error(out[0].cpu(), want) < OUT_TOL
+    assert_rings_match(ring, ref)
+    ring.is_flush.fill_(1)
+    ref = fold_reference(ring, slots, rows, indices([1, 1, 1], device))
+    fold(ring, slots, rows, indices([1, 1, 1], device))
+    assert relative_error(ring.checkpoint.cpu(), ref.checkpoint) < STATE_TOL[torch.float32]
+    for now, then in zip(ring.cursors, ref.cursors):
+        assert torch.equal(now.cpu(), then)
+
+
 def test_verify_leaves_rows_waiting_for_their_fold_alone(device):
     ring = SpecRing(4, 3, device=device, seed=2)
     ring.is_flush[1] = 1

@@ -23,7 +23,8 @@ slot on the way. `ReplaySSMSpecFinish` then resets the folded rows' cursors, onc
 CTA has read them.
 
 Padding (a negative slot) is skipped whole; a slot past the pool, a row past the rings or
-a cursor past L sets the error flag and touches nothing.
+a cursor past L sets the error flag and touches nothing. Ring positions wrap with a mask
+(L a power of two), as SGLang's do, so any cache_base stays inside its row's ring.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
             d_own = self.load_own_records(mRingD, mRingDLow, row, hv, lane, rows, held, base)
             log_decay = Float32(0.0)
             if warp_lane < held:
-                log_decay = Float32(mRingG[row, hv, (base + warp_lane) % self.L])
+                log_decay = Float32(mRingG[row, hv, (base + warp_lane) & (self.L - 1)])
             keys = self.load_group_keys(mRingK, mRingKLow, row, h, group, lane, held, base)
             self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, req, h, hv, warp,
                               warp_lane, scale)
@@ -155,7 +156,7 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
         for i in cutlass.range_constexpr(self.records_per_lane):
             c = lane + LANES_PER_ROW * i
             if c < held:
-                p = (base + c) % self.L
+                p = (base + c) & (self.L - 1)
                 for r in cutlass.range_constexpr(len(rows)):
                     d[r, i] = Float32(mRingD[row, hv, p, rows[r]]) + Float32(
                         mRingDLow[row, hv, p, rows[r]])
@@ -172,7 +173,7 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
             high.fill(0.0)
             low.fill(0.0)
             if c < held:
-                p = (base + c) % self.L
+                p = (base + c) & (self.L - 1)
                 cute.autovec_copy(self.lane_columns(mRingK[row, h, p, None], lane), high)
                 cute.autovec_copy(self.lane_columns(mRingKLow[row, h, p, None], lane), low)
             keys.append((high, low))
@@ -260,7 +261,7 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
                     d_win[r, s] = d
                     mOut[r_, tok, hv, rows[r]] = (decay * sq + d * kq).to(mOut.element_type)
                     if held + s < self.L:
-                        p = (base + held + s) % self.L
+                        p = (base + held + s) & (self.L - 1)
                         high = d.to(mRingD.element_type)
                         mRingD[row, hv, p, rows[r]] = high
                         mRingDLow[row, hv, p, rows[r]] = (d - Float32(high)).to(
@@ -275,7 +276,7 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
             if tidx < 32 and hv % (self.HV // self.H) == 0:
                 for s in cutlass.range_constexpr(self.T):
                     if self.has_token(req, s) and held + s < self.L:
-                        p = (base + held + s) % self.L
+                        p = (base + held + s) & (self.L - 1)
                         key = cute.local_tile(units[None, 0, s], (chunk,), (tidx,)).load()
                         high = cute.make_rmem_tensor((chunk,), mRingK.element_type)
                         high.store(key.to(mRingK.element_type))
@@ -288,7 +289,7 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
             if tidx < self.T:
                 if self.has_token(req, tidx) and held + tidx < self.L:
                     r_, tok = self.token(req, tidx)
-                    mRingG[row, hv, (base + held + tidx) % self.L] = self.log_decay(
+                    mRingG[row, hv, (base + held + tidx) & (self.L - 1)] = self.log_decay(
                         mA[r_, tok, hv], mDtBias[hv], mALog[hv])
 
 
@@ -396,7 +397,8 @@ class ReplaySSMSpecFold(ReplaySSMSpecVerify):
             if tidx < self.places:
                 decay = Float32(0.0)
                 if tidx < held:
-                    decay = Float32(cute.math.exp(ring_g[row, hv, (base + tidx) % self.L]))
+                    position = (base + tidx) & (self.L - 1)
+                    decay = Float32(cute.math.exp(ring_g[row, hv, position]))
                 sDecay[tidx] = decay
             for i in cutlass.range_constexpr(self.key_rounds):
                 c = group + self.groups * i
@@ -431,6 +433,7 @@ class ReplaySSMSpecFinish:
     threads = 128
 
     def __init__(self, *, ring_len: int, track: bool):
+        assert ring_len & (ring_len - 1) == 0
         self.L = ring_len
         self.track = track
 
@@ -453,6 +456,6 @@ class ReplaySSMSpecFinish:
                 self.track, self.L, pool_slots, Int64(mWritePos.shape[0]), mIdx, mRows,
                 mWritePos, mBase, mIsFlush, mAccept, mTrack, mTrackSteps, n)
             if slot >= Int64(0) and not bad and flushing:
-                mBase[row] = (base + held) % self.L
+                mBase[row] = (base + held) & (self.L - 1)
                 mWritePos[row] = Int32(0)
                 mIsFlush[row] = mIsFlush.element_type(0)
