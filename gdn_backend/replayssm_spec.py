@@ -58,28 +58,32 @@ def _bad_row(slot, row, rings, pool_slots) -> bool:
 
 
 def _verify_on_cpu(vc: SpecVerifyCall, error_flag: torch.Tensor) -> None:
-    """The reference a request at a time, with the kernel's rules for bad rows."""
+    """The reference a request at a time, with the kernel's rules: a malformed row is left
+    alone; a bad slot, row or cursor (flagged) and padding (below min_valid_slot) get zero
+    output, but for a row waiting for its fold, which the verify never writes."""
     c, r = vc.call, vc.rings
     cu = c.cu_seqlens.tolist()
-    N, P, T = c.q.shape[1], c.state_pool.shape[0], c.problem.tokens
+    N, P, T, R = c.q.shape[1], c.state_pool.shape[0], c.problem.tokens, r.write_pos.shape[0]
     for n in range(c.problem.batch):
         start, end = cu[n], cu[n + 1]
         slot, row = int(c.state_indices[n]), int(r.rows[n])
         if not 0 <= start <= end <= N or end - start > T:
             error_flag.fill_(1)
             continue
-        if _bad_row(slot, row, r, P):
+        in_pool = c.min_valid_slot <= slot < P
+        bad = slot >= P or (in_pool and _bad_row(slot, row, r, P))
+        if bad:
             error_flag.fill_(1)
-            slot = -1
-        if slot < c.min_valid_slot:
-            slot = -1
-        index = torch.tensor([slot], dtype=torch.int64)
+        if bad or not in_pool:
+            if not (in_pool and 0 <= row < R and int(r.is_flush[row])):
+                c.out[0, start:end] = 0
+            continue
         replayssm_spec_verify_reference(
             c.q[0], c.k[0], c.v[0], c.a[0], c.b[0], c.A_log, c.dt_bias, c.state_pool, r.ring_d,
             r.ring_k, r.ring_g, r.ring_d_low, r.ring_k_low,
-            torch.tensor([start, end], dtype=torch.int32), index,
-            torch.tensor([max(row, 0)], dtype=torch.int64), r.write_pos, r.cache_base,
-            r.is_flush, c.out[0], scale=c.scale)
+            torch.tensor([start, end], dtype=torch.int32), torch.tensor([slot]),
+            torch.tensor([row]), r.write_pos, r.cache_base, r.is_flush, c.out[0],
+            scale=c.scale)
 
 
 @torch.library.custom_op(

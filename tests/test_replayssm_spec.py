@@ -132,12 +132,17 @@ def test_verify_leaves_rows_waiting_for_their_fold_alone(device):
 
 
 def test_verify_below_min_valid_slot_is_padding(device):
+    """Zero output, nothing read or written, and no error even where its row is past the
+    rings (padding rows' rows are not looked at)."""
     ring = SpecRing(4, 2, device=device, seed=3)
-    window = ring.window([T])
+    window = ring.window([T, T])
     before = [t.clone() for t in ring.tensors()]
     out = torch.full_like(window[2], 7.0)
-    verify(ring, window, indices([0], device), indices([0], device), out=out, min_valid_slot=1)
+    gdn_backend.read_error_flag(device, clear=True)
+    verify(ring, window, indices([0, 0], device), indices([0, 5], device), out=out,
+           min_valid_slot=1)
     assert (out == 0).all()
+    assert not gdn_backend.read_error_flag(device)
     for now, then in zip(ring.tensors(), before):
         assert torch.equal(now, then)
 
