@@ -416,7 +416,7 @@ def validate_spec_rings(ring_d, ring_d_low, ring_k, ring_k_low, ring_g, rows, wr
                         device: torch.device) -> SpecRings:
     """Check the spec ring's tensors; `lead` is () for one layer or (layers,)."""
     HV, K, V = num_v_heads, head_k_dim, head_v_dim
-    names = "".join(f"{d}, " for d in ("layers",)[:len(lead)])
+    names = "layers, " if lead else ""
     _check_rank("ring_d", ring_d, len(lead) + 4, f"[{names}R, HV, L, V]")
     R, L = ring_d.shape[len(lead)], ring_d.shape[-2]
     if L < 1 or L > MAX_RING or L & (L - 1):
