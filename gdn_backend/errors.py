@@ -1,14 +1,20 @@
 """The device-side out-of-range flag, one per device.
 
-A kernel that meets a slot index >= P (or an intermediate row past its buffer)
-skips the request and sets this flag instead of touching memory. Reading it
-synchronises, so the hot path never does: the host reads it when it chooses, in
-a debug check or an explicit call.
+A kernel that meets a slot index >= P (or an intermediate row past its buffer, a
+ReplaySSM cursor or ring row out of range) skips the request and sets this flag instead
+of touching memory. Reading it synchronises, so the hot path never does: the host reads
+it when it chooses, in a debug check or an explicit call.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Set to 1: every public op reads the flag after an eager call and raises on an error. It
+# synchronises, so it is a debugging aid, never the default.
+CHECK_INDICES_ENV = "GDN_BACKEND_CHECK_INDICES"
 
 _flags: dict[torch.device, torch.Tensor] = {}
 
@@ -57,5 +63,13 @@ def raise_if_set(device: torch.device | str | None = None) -> None:
     if read_error_flag(device, clear=True):
         raise IndexError(
             "gdn_backend: a state index was >= the pool size (or an intermediate index past "
-            "its buffer); that request was skipped and nothing was written for it"
+            "its buffer, a ReplaySSM cursor or ring row out of range); that request was "
+            "skipped and nothing was written for it"
         )
+
+
+def check_after_call(device: torch.device) -> None:
+    """The debug check every public op ends with: with GDN_BACKEND_CHECK_INDICES=1, outside
+    torch.compile, raise_if_set on the call's device."""
+    if os.environ.get(CHECK_INDICES_ENV) == "1" and not torch.compiler.is_compiling():
+        raise_if_set(device)

@@ -9,7 +9,6 @@ which mutates the pool, `out`, the intermediate states and the error flag, so
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -18,10 +17,6 @@ from .reference import decode_reference
 from .validation import validate
 
 OP_NAME = "gdn_backend::gated_delta_rule_decode"
-
-# Set to 1 to read the error flag after every eager call and raise on an
-# out-of-range index. It synchronises, so it is a debugging aid, never the default.
-CHECK_INDICES_ENV = "GDN_BACKEND_CHECK_INDICES"
 
 
 def split_packed_qkv(mixed: torch.Tensor, H: int, HV: int, K: int, V: int):
@@ -193,8 +188,7 @@ def gated_delta_rule_decode(
         scale, min_valid_slot, intermediate_states, intermediate_indices, update_state,
         num_accepted_tokens, cu_seqlens, max_tokens,
     )
-    if os.environ.get(CHECK_INDICES_ENV) == "1" and not torch.compiler.is_compiling():
-        _flag.raise_if_set(state_pool.device)
+    _flag.check_after_call(state_pool.device)
     return out
 
 

@@ -98,6 +98,7 @@ def replayssm_decode(
     flag = _flag.error_flag(state_pool.device)
     _replayssm_op(q, k, v, a, b, A_log, dt_bias, state_pool, ring_d, ring_k, ring_g, write_pos,
                   state_indices, out, flag, force_flush, scale, min_valid_slot)
+    _flag.check_after_call(state_pool.device)
     return out
 
 

@@ -148,6 +148,7 @@ def replayssm_spec_verify(
     _verify_op(q, k, v, a, b, A_log, dt_bias, checkpoint, ring_d, ring_k, ring_g, ring_d_low,
                ring_k_low, cu_seqlens, state_indices, replay_indices, write_pos, cache_base,
                is_flush, out, flag, max_tokens, scale, min_valid_slot)
+    _flag.check_after_call(checkpoint.device)
     return out
 
 
@@ -239,6 +240,7 @@ def replayssm_spec_fold(
     _fold_op(checkpoint, ring_d, ring_k, ring_g, ring_d_low, ring_k_low, state_indices,
              replay_indices, write_pos, cache_base, is_flush, accept_lens, track_indices,
              track_steps, flag)
+    _flag.check_after_call(checkpoint.device)
 
 
 def warmup_replayssm_spec(

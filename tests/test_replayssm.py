@@ -78,6 +78,20 @@ def test_a_bad_slot_or_cursor_is_skipped_and_sets_the_flag(device, slot, cursor)
     assert_untouched(pool, before)
 
 
+def test_index_check_mode_raises_on_a_bad_cursor(device, monkeypatch):
+    monkeypatch.setenv("GDN_BACKEND_CHECK_INDICES", "1")
+    pool = RingPool(4, device=device, seed=16)
+    q, k, v, a, b = pool.tokens(1)
+    idx = torch.tensor([1], dtype=torch.int32, device=device)
+    gdn_backend.clear_error_flag(device)
+    gdn_backend.replayssm_decode(q, k, v, a, b, pool.A_log, pool.dt_bias, pool.checkpoint,
+                                 *pool.rings, pool.cursors(idx), idx)  # clean: no error
+    with pytest.raises(IndexError, match="was skipped"):
+        gdn_backend.replayssm_decode(q, k, v, a, b, pool.A_log, pool.dt_bias, pool.checkpoint,
+                                     *pool.rings, torch.full_like(idx, 16), idx)
+    assert not gdn_backend.read_error_flag(device)  # the check clears the flag it reports
+
+
 def call(pool, B=2, **changes):
     q, k, v, a, b = pool.tokens(B)
     args = dict(q=q, k=k, v=v, a=a, b=b, A_log=pool.A_log, dt_bias=pool.dt_bias,

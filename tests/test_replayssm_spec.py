@@ -163,6 +163,20 @@ def test_verify_bad_rows_set_the_flag_and_touch_nothing(device):
     assert_rings_match(ring, ref)
 
 
+def test_index_check_mode_raises_on_a_bad_row_in_verify_and_fold(device, monkeypatch):
+    monkeypatch.setenv("GDN_BACKEND_CHECK_INDICES", "1")
+    ring = SpecRing(4, 3, device=device, seed=15)
+    ring.is_flush.fill_(1)
+    gdn_backend.clear_error_flag(device)
+    good, past = indices([1], device), indices([3], device)  # row 3: past the 3 rings
+    with pytest.raises(IndexError, match="was skipped"):
+        verify(ring, ring.window([T]), good, past)
+    fold(ring, good, indices([0], device), good)  # clean: no error
+    with pytest.raises(IndexError, match="was skipped"):
+        fold(ring, good, past, good)
+    assert not gdn_backend.read_error_flag(device)
+
+
 def fold(ring, slots, rows, accept, track=None, steps=None):
     gdn_backend.replayssm_spec_fold(ring.checkpoint, *ring.rings(None), slots, rows,
                                     *ring.cursors, accept, track_indices=track,

@@ -103,7 +103,7 @@ def spec_row(shape: str, pool: str, B: int, T: int, first: bool, peers: dict, re
         warmup_replayssm_spec(device="cuda", num_heads=cell.H, num_v_heads=cell.HV,
                               max_tokens=T, ring_len=spec_ring.RING, state_dtype=POOLS[pool],
                               dt_bias_dtype=torch.float32)
-    row = spec_ring.time_cell(cell, True, replays, time_graph, tiles)
+    row = spec_ring.time_cell(cell, replays, tiles)
     row["pct_ceiling"] = 100 * row["tbps"] / ceiling
     print(format_row(row, peers), flush=True)
     del cell

@@ -27,6 +27,7 @@ from ..replayssm_spec import replayssm_spec_fold, replayssm_spec_verify
 from .cells import COLD_BYTES, MAX_SETS, POOLS, SHAPES, Cell, K, V, copy_of, set_rows
 from .sglang import SPEC_RING
 from .tiles import forced_tile, tile_name
+from .timing import time_graph
 
 RING = 16  # SGLang's --linear-replayssm-cache-len default
 
@@ -137,7 +138,8 @@ class SpecCell:
             is_flush=s["is_flush"], accept_lens=self.accept, null_block_id=-1)
 
 
-def time_cell(cell: SpecCell, sglang_present: bool, replays: int, time_graph, tiles=()) -> dict:
+def time_cell(cell: SpecCell, replays: int, tiles=()) -> dict:
+    """The row of one cell: ours, SGLang's step (its advance is on both sides), the baseline."""
     ours = time_graph(cell.ours, cell.sets, replays)
     baseline = Cell("verify", cell.shape, cell.pool_name, cell.B, cell.T)
     verify_us = time_graph(baseline.classic, baseline.sets, replays)
@@ -150,8 +152,7 @@ def time_cell(cell: SpecCell, sglang_present: bool, replays: int, time_graph, ti
                ratio=ours / copy, tbps=cell.bytes / (ours * 1e-6) / 1e12,
                spec_verify_us=time_graph(cell.verify, cell.sets, replays),
                baseline_us=verify_us + commit_copy, goal=ours / (verify_us + commit_copy))
-    if sglang_present:
-        row["sglang_us"] = time_graph(cell.sglang, cell.sets, replays)
+    row["sglang_us"] = time_graph(cell.sglang, cell.sets, replays)
     for tile in tiles:  # the verify and the fold at each tile, steps otherwise the same
         with forced_tile(tile):
             row.setdefault("tile_us", {})[tile_name(tile)] = time_graph(cell.ours, cell.sets,
