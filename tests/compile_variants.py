@@ -17,7 +17,8 @@ import torch
 
 def variants() -> dict:
     from gdn_backend.kernels.compile import KernelConfig
-    from gdn_backend.kernels.heuristics import TILES, ring_tiles_for, spec_tiles_for, tiles_for
+    from gdn_backend.kernels.heuristics import (SPEC_MMA, SPEC_MMA_SMALL, TILES, ring_tiles_for,
+                                                spec_tiles_for, tiles_for)
 
     out = {}
     for state in (torch.float32, torch.bfloat16):
@@ -90,6 +91,21 @@ def variants() -> dict:
                 out[name + ("_track" if track else "")] = replace(
                     spec, rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
                     spec="fold", track=track)
+        # The tensor-core verify at its tiles, every window it serves, and at a whole head a
+        # CTA, rings of 32.
+        for tile in (SPEC_MMA_SMALL, SPEC_MMA):
+            for T in (1, 2, 3, 4):
+                out[f"{s}_spec_verify_mma{tile.rows_per_cta}x{tile.rows_per_thread}_T{T}"] = replace(
+                    spec, tokens=T, rows_per_cta=tile.rows_per_cta,
+                    rows_per_thread=tile.rows_per_thread, tensor_cores=True, spec="verify",
+                    ragged=True, update_state=False)
+        out[f"{s}_spec_verify_mma128x2_L32"] = replace(
+            spec, tokens=4, rows_per_cta=128, rows_per_thread=2, tensor_cores=True,
+            spec="verify", ragged=True, update_state=False, ring_len=32)
+        out[f"{s}_spec_verify_mma_unaligned"] = replace(
+            spec, tokens=4, rows_per_cta=64, rows_per_thread=2, tensor_cores=True,
+            spec="verify", ragged=True, update_state=False, row_index_dtype=torch.int32,
+            ring_vectorized=False, state_vectorized=False)
         out[f"{s}_spec_verify_int32_rows_unaligned"] = replace(
             spec, tokens=4, spec="verify", ragged=True, update_state=False,
             row_index_dtype=torch.int32, ring_vectorized=False, state_vectorized=False)

@@ -16,6 +16,7 @@ VARIANTS = variants()
 # apply to the spec ring's kernels, which have their own tests below.
 DECODE = [name for name, cfg in VARIANTS.items() if cfg.spec is None]
 FOLDS = [name for name, cfg in VARIANTS.items() if cfg.spec == "fold"]
+SPEC_MMA = [name for name, cfg in VARIANTS.items() if cfg.spec == "verify" and cfg.tensor_cores]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -93,3 +94,21 @@ def test_the_fold_writes_states_in_16_byte_vectors(ptx_dir, name):
     stores = sum(ptx.count(f"st.global.v4.{t}") for t in ("f32", "b32"))
     per_copy = cfg.rows_per_thread * cfg.head_k_dim // (8 * 16 // cfg.state_dtype.itemsize)
     assert stores == per_copy * (3 if cfg.track else 1)
+
+
+@pytest.mark.parametrize("name", SPEC_MMA)
+def test_the_tensor_core_verify_runs_its_products_on_mma_and_reads_its_rows_whole(ptx_dir, name):
+    """Every product of the tensor-core spec verify is an mma.sync, none in a loop: the
+    records' key products (K split over the warps), S0 x (an fp32 checkpoint's high and low
+    parts), the Gram matrix and the records' d; and the checkpoint rows are 16-byte loads
+    where the pool allows them."""
+    cfg = VARIANTS[name]
+    ptx = (ptx_dir / f"{name}.ptx").read_text()
+    R, K = cfg.rows_per_thread, cfg.head_k_dim
+    warps, k_blocks, record_blocks = cfg.rows_per_cta // (8 * R), K // 16, -(-cfg.ring_len // 16)
+    parts = 2 if cfg.state_dtype == torch.float32 else 1
+    products = (record_blocks * 2 * (k_blocks // warps) * 2 + k_blocks * (R * parts + 2)
+                + R * record_blocks * 2)
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == products
+    row_loads = R * K // (4 * 16 // cfg.state_dtype.itemsize) if cfg.state_vectorized else 0
+    assert ptx.count("ld.global.v4.b32") == row_loads

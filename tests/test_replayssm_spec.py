@@ -11,7 +11,7 @@ import gdn_backend
 from gdn_backend.reference_replayssm_spec import (
     replayssm_spec_advance_reference, replayssm_spec_finish_reference,
     replayssm_spec_fold_reference, replayssm_spec_verify_reference)
-from gdn_backend.kernels.heuristics import LARGE, SPEC_WIDE, TINY
+from gdn_backend.kernels.heuristics import LARGE, SPEC_MMA, SPEC_MMA_SMALL, SPEC_WIDE, TINY, Tile
 from gdn_backend.testing import SpecRing, relative_error
 
 OUT_TOL = 8e-3      # bf16 outputs
@@ -74,14 +74,22 @@ def test_verify_equals_the_reference(device, heads, state_dtype):
         assert torch.equal(now.cpu(), then)
 
 
+SPEC_MMA_WIDE = Tile(rows_per_cta=128, rows_per_thread=2, tensor_cores=True)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [TINY, LARGE, SPEC_WIDE], ids=["8x1", "32x2", "64x2"])
-def test_every_spec_tile_equals_the_reference(monkeypatch, tile):
-    """Each tile the dispatch may choose, forced on one batch: verify, then the fold."""
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("tile", [TINY, LARGE, SPEC_WIDE, SPEC_MMA_SMALL, SPEC_MMA, SPEC_MMA_WIDE],
+                         ids=["8x1", "32x2", "64x2", "32x2tc", "64x2tc", "128x2tc"])
+def test_every_spec_tile_equals_the_reference(monkeypatch, tile, state_dtype):
+    """Each tile the dispatch may choose (and the tensor-core verify's whole-head one), forced
+    on one batch: verify, then the fold (at its own tile where the verify's is a tensor-core one)."""
     from gdn_backend.kernels import launch
 
-    monkeypatch.setattr(launch, "choose_spec_tile", lambda *shape: tile)
-    ring = SpecRing(8, 6, *HEADS["tp1"], layers=2, state_dtype=torch.bfloat16, device="cuda",
+    if not tile.tensor_cores:
+        monkeypatch.setattr(launch, "choose_spec_tile", lambda *shape: tile)
+    monkeypatch.setattr(launch, "choose_spec_verify_tile", lambda *shape: tile)
+    ring = SpecRing(8, 6, *HEADS["tp1"], layers=2, state_dtype=state_dtype, device="cuda",
                     seed=13)
     ring.write_pos.copy_(indices([3, 0, 14, 9, 1, 6], "cuda"))
     window = ring.window([T, T - 1, T, 1, 2])
@@ -94,7 +102,7 @@ def test_every_spec_tile_equals_the_reference(monkeypatch, tile):
     accept = indices([2, 1, 3, 1, 1], "cuda")
     ref = fold_reference(ring, slots, rows, accept)
     fold(ring, slots, rows, accept)
-    assert relative_error(ring.checkpoint.cpu(), ref.checkpoint) < STATE_TOL[torch.bfloat16]
+    assert relative_error(ring.checkpoint.cpu(), ref.checkpoint) < STATE_TOL[state_dtype]
     for now, then in zip(ring.cursors, ref.cursors):
         assert torch.equal(now.cpu(), then)
 

@@ -76,6 +76,67 @@ def bf16_residual(x: Float32) -> Float32:
     return x - Float32(BFloat16(x))
 
 
+def quad_rows(kernel, tidx: Int32, tile):
+    """(lane c of the quad, rows) of a thread of a quad-layout kernel: lane (g, c) of warp w
+    holds rows g, g + 8, g + 16, ... of the warp's `warp_rows`."""
+    row = tile * kernel.rows_per_cta + tidx // 32 * kernel.warp_rows + tidx % 32 // 4
+    return tidx % 4, [row + r * (MMA_ROWS // 2) for r in range(kernel.rows_per_thread)]
+
+
+@cute.jit
+def stage_split_words(sVec: cute.Tensor, n: int, unit, warp_lane: Int32):
+    """This lane's 4 columns of staged vector n as the words (high 0-1, low 0-1, high 2-3,
+    low 2-3), an MMA's A fragment in one 16-byte read; returns the columns in float32."""
+    x = cute.make_rmem_tensor((4,), Float32)
+    x.store(unit)
+    words = cute.make_rmem_tensor((4,), Int32)
+    for half in cutlass.range_constexpr(2):
+        a, b = x[2 * half], x[2 * half + 1]
+        words[2 * half] = bf16_pair(a, b)
+        words[2 * half + 1] = bf16_pair(bf16_residual(a), bf16_residual(b))
+    cute.autovec_copy(words, sVec[None, warp_lane, n])
+    return x
+
+
+@cute.jit
+def pair_products(own_gram, T: int):
+    """The window's token-pair products from the Gram matrix's fragments (lane (g, c) holds
+    vector g times vectors 2c, 2c + 1): kk[s][t] = k̂_s·k̂_t (s < t), kq[s][t] = k̂_s·q̂_t
+    (s <= t), on every lane."""
+    kk = [[Float32(0.0)] * T for _ in range(T)]
+    kq = [[Float32(0.0)] * T for _ in range(T)]
+    for s in cutlass.range_constexpr(T):
+        for t in cutlass.range_constexpr(s, T):
+            kk[s][t] = cute.arch.shuffle_sync(own_gram[0], offset=8 * s + t)
+            kq[s][t] = cute.arch.shuffle_sync(own_gram[1], offset=8 * s + t)
+    return kk, kq
+
+
+@cute.jit
+def row_window(projections: cute.Tensor, v_in: cute.Tensor, r: int, decay, beta, kk, kq,
+               weights, lane: Int32, T: int):
+    """Step 3 on one row, the same in the four lanes of a quad, from its projections
+    p_k[x] = S·k̂_x, p_q[x] = S·q̂_x (staged in shared memory): (o_c, weights[c] u_c) of this
+    lane's token c (u_c alone if `weights` is None)."""
+    own = cute.make_rmem_tensor((VECTORS,), Float32)
+    cute.autovec_copy(projections, own)
+    p_k = [own[2 * x] for x in range(T)]
+    p_q = [own[2 * x + 1] for x in range(T)]
+    o_mine = Float32(0.0)
+    mine = Float32(0.0)
+    for t in cutlass.range_constexpr(T):
+        u = beta[t] * (v_in[r, t] - decay[t] * p_k[t])
+        o = decay[t] * p_q[t] + u * kq[t][t]
+        for x in cutlass.range_constexpr(t + 1, T):
+            p_k[x] = decay[t] * p_k[x] + u * kk[t][x]
+            p_q[x] = decay[t] * p_q[x] + u * kq[t][x]
+        # Selects, not a branch per token and row: the branches held registers
+        # (96 against 80) and cost 6% at T = 4 (docs/perf_log.md, v9).
+        o_mine = Float32(cutlass.select_(lane == t, o, o_mine))
+        mine = Float32(cutlass.select_(lane == t, u if weights is None else weights[t] * u, mine))
+    return o_mine, mine
+
+
 class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
     """A warp owns `rows_per_thread` / 2 blocks of 16 rows of a head's state; its staged
     vectors and token-pair products serve all of them."""
@@ -95,8 +156,7 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
         self.warps = rows_per_cta // self.warp_rows
 
     def thread_rows(self, tidx: Int32, tile):
-        row = tile * self.rows_per_cta + tidx // 32 * self.warp_rows + tidx % 32 // 4
-        return tidx % 4, [row + r * (MMA_ROWS // 2) for r in range(self.rows_per_thread)]
+        return quad_rows(self, tidx, tile)
 
     def smem_bytes(self) -> int:
         words = (VECTORS * VECTOR_STRIDE + self.K // 8 * MAX_TOKENS * KHAT_STRIDE
@@ -126,14 +186,7 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
         (high, low) words at the place of each column in step 4's B fragments."""
         sVec, sKhat, _ = units
         for j, unit in ((0, k_unit), (1, q_unit)):
-            x = cute.make_rmem_tensor((4,), Float32)
-            x.store(unit)
-            words = cute.make_rmem_tensor((4,), Int32)
-            for half in cutlass.range_constexpr(2):
-                a, b = x[2 * half], x[2 * half + 1]
-                words[2 * half] = bf16_pair(a, b)
-                words[2 * half + 1] = bf16_pair(bf16_residual(a), bf16_residual(b))
-            cute.autovec_copy(words, sVec[None, warp_lane, 2 * t + j])
+            x = stage_split_words(sVec, 2 * t + j, unit, warp_lane)
             if const_expr(j == 0):
                 for e in cutlass.range_constexpr(4):
                     # Column p is element w of 16-byte vector v: lane (g, c) of step 4 with
@@ -182,12 +235,7 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
         own_gram = [gram[0][e] + gram[0][e + 2] + gram[1][e] + gram[1][e + 2] for e in range(2)]
 
         # Step 3.
-        kk = [[Float32(0.0)] * T for _ in range(T)]   # kk[s][t] = k̂_s·k̂_t, s < t
-        kq = [[Float32(0.0)] * T for _ in range(T)]   # kq[s][t] = k̂_s·q̂_t, s <= t
-        for s in cutlass.range_constexpr(T):
-            for t in cutlass.range_constexpr(s, T):
-                kk[s][t] = cute.arch.shuffle_sync(own_gram[0], offset=8 * s + t)
-                kq[s][t] = cute.arch.shuffle_sync(own_gram[1], offset=8 * s + t)
+        kk, kq = pair_products(own_gram, T)
         decay = [sGate[DECAY, t] for t in range(T)]
         beta = [sGate[BETA, t] for t in range(T)]
         # w[t]: the decays after token t, by which u_t k̂_tᵀ reaches S_T.
@@ -198,21 +246,8 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
         o_mine = [Float32(0.0)] * R
         mine = [Float32(0.0)] * R
         for r in cutlass.range_constexpr(R):
-            # Row by row, the same in the four lanes of a quad: p_k[x] = S·k̂_x, p_q[x] = S·q̂_x.
-            own = cute.make_rmem_tensor((VECTORS,), Float32)
-            cute.autovec_copy(sDots[None, g, r, warp], own)
-            p_k = [own[2 * x] for x in range(T)]
-            p_q = [own[2 * x + 1] for x in range(T)]
-            for t in cutlass.range_constexpr(T):
-                u = beta[t] * (v_in[r, t] - decay[t] * p_k[t])
-                o = decay[t] * p_q[t] + u * kq[t][t]
-                for x in cutlass.range_constexpr(t + 1, T):
-                    p_k[x] = decay[t] * p_k[x] + u * kk[t][x]
-                    p_q[x] = decay[t] * p_q[x] + u * kq[t][x]
-                # Selects, not a branch per token and row: the branches held registers
-                # (96 against 80) and cost 6% at T = 4 (docs/perf_log.md, v9).
-                o_mine[r] = Float32(cutlass.select_(lane == t, o, o_mine[r]))
-                mine[r] = Float32(cutlass.select_(lane == t, w[t] * u, mine[r]))
+            o_mine[r], mine[r] = row_window(sDots[None, g, r, warp], v_in, r, decay, beta, kk,
+                                            kq, w, lane, T)
         if lane < T:
             for r in cutlass.range_constexpr(R):
                 mOut[req[0], lane, hv, rows[r]] = o_mine[r].to(mOut.element_type)

@@ -24,7 +24,8 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
   heads a request, so not applied there.
 - Otherwise, several tokens: 2 rows a thread (about 85 registers, 128 threads).
 
-ReplaySSM decode has rules of its own (`choose_ring_tile`).
+ReplaySSM decode has rules of its own (`choose_ring_tile`), and so does the spec ring
+(`choose_spec_tile`, `choose_spec_verify_tile`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ MMA = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)       # 64 thr
 MMA_WIDE = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)  # 128 threads
 RING_WIDE = Tile(rows_per_cta=64, rows_per_thread=4)  # 128 threads, 2 CTAs per head
 SPEC_WIDE = Tile(rows_per_cta=64, rows_per_thread=2)  # 256 threads, 2 CTAs per head
+# The spec verify on tensor cores (replayssm_spec_mma.py): 4 warps, 2 CTAs per head; 2 warps.
+SPEC_MMA = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)
+SPEC_MMA_SMALL = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)
 TILES = (WIDE, LARGE, TINY, MMA, MMA_WIDE)
 # ReplaySSM decode: 64-row tiles from this many heads (B x HV).
 RING_WIDE_FROM_HEADS = 512
@@ -145,3 +149,20 @@ def spec_tiles_for(num_v_heads: int, head_v_dim: int, state_bytes: int) -> tuple
     """Every tile `choose_spec_tile` can return for some batch size."""
     return tuple(dict.fromkeys(choose_spec_tile(b, num_v_heads, head_v_dim, state_bytes)
                                for b in range(1, 4097)))
+
+
+def choose_spec_verify_tile(batch: int, num_v_heads: int, head_v_dim: int, state_bytes: int,
+                            tokens: int) -> Tile:
+    """The spec verify's tile. Its tensor-core form (replayssm_spec_mma.py: windows of up to 4
+    tokens, SPEC_MMA and SPEC_MMA_SMALL) compiles for every window without spills but has not
+    yet run on a GPU, so the dispatch keeps `choose_spec_tile`'s CUDA-core tiles until it has
+    been checked and measured; the GPU tests and `--tiles 64x2tc` force it."""
+    return choose_spec_tile(batch, num_v_heads, head_v_dim, state_bytes)
+
+
+def spec_verify_tiles_for(num_v_heads: int, head_v_dim: int, state_bytes: int,
+                          tokens: int) -> tuple[Tile, ...]:
+    """Every tile `choose_spec_verify_tile` can return for some batch size."""
+    return tuple(dict.fromkeys(
+        choose_spec_verify_tile(b, num_v_heads, head_v_dim, state_bytes, tokens)
+        for b in range(1, 4097)))

@@ -14,8 +14,9 @@ import torch
 
 from ..validation import Call, Problem, RingCall, SpecFoldCall, SpecVerifyCall
 from . import compile as _compile
-from .heuristics import (TINY, choose_ring_tile, choose_spec_tile, choose_tile, ring_tiles_for,
-                         spec_tiles_for, tiles_for)
+from .heuristics import (TINY, choose_ring_tile, choose_spec_tile, choose_spec_verify_tile,
+                         choose_tile, ring_tiles_for, spec_tiles_for, spec_verify_tiles_for,
+                         tiles_for)
 
 SUPPORTED_HEAD_DIMS = (128,)
 
@@ -95,7 +96,10 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
     """`base` at every tile the heuristic can choose for some batch size."""
     if base.spec == "finish":
         return [base]
-    if base.spec:
+    if base.spec == "verify":
+        tiles = spec_verify_tiles_for(base.num_v_heads, base.head_v_dim,
+                                      base.state_dtype.itemsize, base.tokens)
+    elif base.spec:
         tiles = spec_tiles_for(base.num_v_heads, base.head_v_dim, base.state_dtype.itemsize)
     elif base.ring_len:
         tiles = ring_tiles_for(base.num_v_heads, base.head_v_dim)
@@ -143,10 +147,10 @@ def _spec_rings_vectorized(rings) -> bool:
 def spec_verify_config(vc: SpecVerifyCall) -> _compile.KernelConfig:
     """The spec ring's verify, at the spec tile."""
     p, rings = vc.call.problem, vc.rings
-    tile = choose_spec_tile(p.batch, p.num_v_heads, p.head_v_dim,
-                            vc.call.state_pool.element_size())
+    tile = choose_spec_verify_tile(p.batch, p.num_v_heads, p.head_v_dim,
+                                   vc.call.state_pool.element_size(), p.tokens)
     return replace(config_for(vc.call), rows_per_cta=tile.rows_per_cta,
-                   rows_per_thread=tile.rows_per_thread, tensor_cores=False,
+                   rows_per_thread=tile.rows_per_thread, tensor_cores=tile.tensor_cores,
                    ring_len=rings.ring_len, ring_dtype=rings.ring_d.dtype, spec="verify",
                    row_index_dtype=rings.rows.dtype,
                    ring_vectorized=_spec_rings_vectorized(rings))

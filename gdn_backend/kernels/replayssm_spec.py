@@ -98,6 +98,40 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
                                                               stride=(self.places * T, T, 1)),
                                     byte_alignment=16)
 
+        slot, row, req, held, base, valid, zero_out = self.plan(
+            mQ, mPool, mIdx, mFlag, mRingD, mRows, mWritePos, mBase, mIsFlush, mCuSeqlens, bid,
+            n, hv, tile, tidx, min_valid_slot)
+        if valid:
+            gS = mPool[slot, hv, None, None]
+            raw = self.load_rows(gS, lane, rows)
+            v_in = self.load_v(mV, req, hv, rows)
+            d_own = self.load_own_records(mRingD, mRingDLow, row, hv, lane, rows, held, base)
+            log_decay = self.load_log_decay(mRingG, row, hv, warp_lane, held, base)
+            keys = self.load_group_keys(mRingK, mRingKLow, row, h, group, lane, held, base)
+            self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, req, h, hv, warp,
+                              warp_lane, scale)
+            cute.arch.barrier()
+            total = self.stage_records(keys, log_decay, units, sRec, group, lane, warp_lane,
+                                       held)
+            self.stage_window(units, sGate, sWin, group, lane, tidx)
+            cute.arch.barrier()
+            self.run_window(mOut, mRingD, mRingDLow, raw, v_in, d_own, units, sGate, sWin, sRec,
+                            total, row, hv, lane, rows, req, held, base)
+            if tile == 0:
+                self.append_keys(mRingK, mRingKLow, units, row, h, hv, req, tidx, held, base)
+                self.append_decays(mRingG, mA, mDtBias, mALog, row, hv, req, tidx, held, base)
+        else:
+            if zero_out and lane == 0:
+                self.zero_outputs(mOut, req, hv, rows)
+
+    @cute.jit
+    def plan(self, mQ, mPool, mIdx, mFlag, mRingD, mRows, mWritePos, mBase, mIsFlush,
+             mCuSeqlens, bid, n, hv, tile, tidx, min_valid_slot):
+        """The launch prologue and request n's part in the verify: (slot, row, req, held,
+        base, valid, zero_out). A bad request (slot past the pool, row past the rings, cursor
+        past L, malformed tokens) sets the error flag and touches nothing; a padding slot or a
+        row waiting for its fold only has its outputs zeroed (zero_out), a padding row always
+        (a slot below min_valid_slot is padding whatever its row)."""
         slot = self.begin(mPool, mIdx, None, bid, n, hv, tile, tidx, min_valid_slot)
         row = Int64(mRows[n])
         start = Int32(mCuSeqlens[n])
@@ -111,42 +145,31 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
             held = Int32(mWritePos[row])
             base = Int32(mBase[row])
             flushing = Int32(mIsFlush[row]) != 0
-        well_formed = (start >= 0 and length >= 0 and length <= T
+        well_formed = (start >= 0 and length >= 0 and length <= self.T
                        and start + length <= Int32(mQ.shape[1]))
         bad = (slot >= Int64(mPool.shape[0]) or (in_pool and not row_ok)
                or (in_pool and row_ok and (held < 0 or held > self.L)) or not well_formed)
         if bad and tidx == 0:
             mFlag[0] = Int32(1)
         valid = in_pool and row_ok and not bad and not flushing and length >= 1
-        req = (n, row, start, length)
+        zero_out = not valid and well_formed and not (flushing and in_pool and row_ok)
+        return slot, row, (n, row, start, length), held, base, valid, zero_out
 
-        if valid:
-            gS = mPool[slot, hv, None, None]
-            raw = self.load_rows(gS, lane, rows)
-            v_in = self.load_v(mV, req, hv, rows)
-            d_own = self.load_own_records(mRingD, mRingDLow, row, hv, lane, rows, held, base)
-            log_decay = Float32(0.0)
-            if warp_lane < held:
-                log_decay = Float32(mRingG[row, hv, (base + warp_lane) & (self.L - 1)])
-            keys = self.load_group_keys(mRingK, mRingKLow, row, h, group, lane, held, base)
-            self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, req, h, hv, warp,
-                              warp_lane, scale)
-            cute.arch.barrier()
-            total = self.stage_records(keys, log_decay, units, sRec, group, lane, warp_lane,
-                                       held)
-            self.stage_window(units, sGate, sWin, group, lane, tidx)
-            cute.arch.barrier()
-            self.run_window(mOut, mRingD, mRingDLow, raw, v_in, d_own, units, sGate, sWin, sRec,
-                            total, row, hv, lane, rows, req, held, base)
-            self.append_keys_and_decays(mRingK, mRingKLow, mRingG, mA, mDtBias, mALog, units,
-                                        row, h, hv, tile, req, tidx, held, base)
-        else:
-            if lane == 0 and well_formed and not (flushing and in_pool and row_ok):
-                for t in cutlass.range_constexpr(T):
-                    if self.has_token(req, t):
-                        r_, tok = self.token(req, t)
-                        for r in rows:
-                            mOut[r_, tok, hv, r] = mOut.element_type(0.0)
+    @cute.jit
+    def load_log_decay(self, mRingG, row, hv, warp_lane, held, base) -> Float32:
+        """Lane c's record's log-decay g_c (0 from W on): what `record_weights` takes."""
+        log_decay = Float32(0.0)
+        if warp_lane < held:
+            log_decay = Float32(mRingG[row, hv, (base + warp_lane) & (self.L - 1)])
+        return log_decay
+
+    @cute.jit
+    def zero_outputs(self, mOut, req, hv, rows):
+        for t in cutlass.range_constexpr(self.T):
+            if self.has_token(req, t):
+                r_, tok = self.token(req, t)
+                for r in rows:
+                    mOut[r_, tok, hv, r] = mOut.element_type(0.0)
 
     @cute.jit
     def load_own_records(self, mRingD, mRingDLow, row, hv, lane, rows, held, base):
@@ -268,29 +291,31 @@ class ReplaySSMSpecVerify(GatedDeltaRuleDecode):
                             mRingDLow.element_type)
 
     @cute.jit
-    def append_keys_and_decays(self, mRingK, mRingKLow, mRingG, mA, mDtBias, mALog, units, row,
-                               h, hv, tile, req, tidx, held, base):
-        """The window's keys (high and low, once per key head) and log-decays to the ring."""
-        if tile == 0:
-            chunk = self.K // 32
-            if tidx < 32 and hv % (self.HV // self.H) == 0:
-                for s in cutlass.range_constexpr(self.T):
-                    if self.has_token(req, s) and held + s < self.L:
-                        p = (base + held + s) & (self.L - 1)
-                        key = cute.local_tile(units[None, 0, s], (chunk,), (tidx,)).load()
-                        high = cute.make_rmem_tensor((chunk,), mRingK.element_type)
-                        high.store(key.to(mRingK.element_type))
-                        low = cute.make_rmem_tensor((chunk,), mRingK.element_type)
-                        low.store((key - high.load().to(Float32)).to(mRingK.element_type))
-                        cute.autovec_copy(high, cute.local_tile(mRingK[row, h, p, None], (chunk,),
-                                                                (tidx,)))
-                        cute.autovec_copy(low, cute.local_tile(mRingKLow[row, h, p, None],
-                                                               (chunk,), (tidx,)))
-            if tidx < self.T:
-                if self.has_token(req, tidx) and held + tidx < self.L:
-                    r_, tok = self.token(req, tidx)
-                    mRingG[row, hv, (base + held + tidx) & (self.L - 1)] = self.log_decay(
-                        mA[r_, tok, hv], mDtBias[hv], mALog[hv])
+    def append_keys(self, mRingK, mRingKLow, units, row, h, hv, req, tidx, held, base):
+        """The window's keys, high and low, once per key head (its first value head's CTA)."""
+        chunk = self.K // 32
+        if tidx < 32 and hv % (self.HV // self.H) == 0:
+            for s in cutlass.range_constexpr(self.T):
+                if self.has_token(req, s) and held + s < self.L:
+                    p = (base + held + s) & (self.L - 1)
+                    key = cute.local_tile(units[None, 0, s], (chunk,), (tidx,)).load()
+                    high = cute.make_rmem_tensor((chunk,), mRingK.element_type)
+                    high.store(key.to(mRingK.element_type))
+                    low = cute.make_rmem_tensor((chunk,), mRingK.element_type)
+                    low.store((key - high.load().to(Float32)).to(mRingK.element_type))
+                    cute.autovec_copy(high, cute.local_tile(mRingK[row, h, p, None], (chunk,),
+                                                            (tidx,)))
+                    cute.autovec_copy(low, cute.local_tile(mRingKLow[row, h, p, None],
+                                                           (chunk,), (tidx,)))
+
+    @cute.jit
+    def append_decays(self, mRingG, mA, mDtBias, mALog, row, hv, req, tidx, held, base):
+        """The window's log-decays: thread s writes token s's."""
+        if tidx < self.T:
+            if self.has_token(req, tidx) and held + tidx < self.L:
+                r_, tok = self.token(req, tidx)
+                mRingG[row, hv, (base + held + tidx) & (self.L - 1)] = self.log_decay(
+                    mA[r_, tok, hv], mDtBias[hv], mALog[hv])
 
 
 @cute.jit
