@@ -107,6 +107,31 @@ def test_every_spec_tile_equals_the_reference(monkeypatch, tile, state_dtype):
         assert torch.equal(now.cpu(), then)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("tokens,ring_len", [(1, 16), (2, 16), (3, 8), (4, 32)])
+def test_the_tensor_core_verify_equals_the_reference_at_every_window_and_ring(
+        monkeypatch, tokens, ring_len, state_dtype):
+    """Windows of 1 to 4 tokens, rings of 8 to 32 (two record blocks), a full ring, rows
+    shorter than the window, at TP8 (one key head for two value heads)."""
+    from gdn_backend.kernels import launch
+
+    monkeypatch.setattr(launch, "choose_spec_verify_tile", lambda *shape: SPEC_MMA)
+    ring = SpecRing(8, 6, *HEADS["tp8"], ring_len=ring_len, state_dtype=state_dtype,
+                    device="cuda", seed=15 + tokens)
+    ring.write_pos.copy_(indices([ring_len - 1, 0, ring_len // 2, ring_len, 1, 3], "cuda"))
+    lengths = [tokens, max(tokens - 1, 1), tokens, 1, tokens]
+    window = ring.window(lengths)
+    slots, rows = indices([3, 6, 7, 1, 2], "cuda"), indices([0, 1, 2, 3, 5], "cuda")
+    ref, want = verify_reference(ring, window, slots, rows)
+    q, k, v, a, b, cu = window
+    out = gdn_backend.replayssm_spec_verify(
+        q, k, v, a, b, ring.A_log, ring.dt_bias, ring.checkpoint[0], *ring.rings(0), cu, slots,
+        rows, *ring.cursors, max_tokens=tokens)
+    assert relative_error(out[0].cpu(), want) < OUT_TOL
+    assert_rings_match(ring, ref)
+
+
 def test_a_cache_base_off_the_circle_wraps_as_sglangs_mask_does(device):
     """Ring positions are (cache_base + c) mod L for any cache_base, so a cursor SGLang never
     writes still reads and writes inside its row's ring."""
