@@ -99,6 +99,15 @@ def variants() -> dict:
                     spec, tokens=T, rows_per_cta=tile.rows_per_cta,
                     rows_per_thread=tile.rows_per_thread, tensor_cores=True, spec="verify",
                     ragged=True, update_state=False)
+        for tile in (SPEC_MMA_SMALL, SPEC_MMA):
+            for track in (False, True):
+                name = f"{s}_spec_fold_mma{tile.rows_per_cta}x{tile.rows_per_thread}"
+                out[name + ("_track" if track else "")] = replace(
+                    spec, rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
+                    tensor_cores=True, spec="fold", track=track)
+        out[f"{s}_spec_fold_mma_L32_unaligned"] = replace(
+            spec, rows_per_cta=64, rows_per_thread=2, tensor_cores=True, spec="fold",
+            track=True, ring_len=32, ring_vectorized=False, state_vectorized=False)
         out[f"{s}_spec_verify_mma128x2_L32"] = replace(
             spec, tokens=4, rows_per_cta=128, rows_per_thread=2, tensor_cores=True,
             spec="verify", ragged=True, update_state=False, ring_len=32)

@@ -99,12 +99,12 @@ def test_a_forced_tile_reaches_the_spec_rings_verify_and_fold_configurations():
         verify, (fold, _) = launch.spec_verify_config(vc), launch.spec_fold_configs(fc)
     for cfg in (verify, fold):
         assert (cfg.rows_per_cta, cfg.rows_per_thread) == (16, 1)
-    # A tensor-core tile reaches the verify; the fold, which has no such form, keeps its own.
-    own_fold = launch.spec_fold_configs(fc)[0]
+    # A tensor-core tile reaches both (the cursor reset has no tiles).
     with tiles.forced_tile(Tile(rows_per_cta=128, rows_per_thread=2, tensor_cores=True)):
-        verify, (fold, _) = launch.spec_verify_config(vc), launch.spec_fold_configs(fc)
-    assert (verify.rows_per_cta, verify.rows_per_thread, verify.tensor_cores) == (128, 2, True)
-    assert fold == own_fold
+        verify, (fold, finish) = launch.spec_verify_config(vc), launch.spec_fold_configs(fc)
+    for cfg in (verify, fold):
+        assert (cfg.rows_per_cta, cfg.rows_per_thread, cfg.tensor_cores) == (128, 2, True)
+    assert not finish.tensor_cores
 
 
 def test_a_spec_row_prints_its_verify_and_baseline_beside_it():

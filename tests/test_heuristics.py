@@ -133,13 +133,15 @@ def test_the_spec_ring_takes_64_row_tiles_on_bf16_checkpoints_32_on_fp32_8_when_
     assert choose_spec_tile(4, 4, 128, 2) == choose_spec_tile(4, 4, 128, 4) == TINY
 
 
-def test_the_spec_verify_keeps_the_cuda_core_tiles_until_its_tensor_core_form_is_measured():
-    from gdn_backend.kernels.heuristics import choose_spec_tile, choose_spec_verify_tile
+def test_the_spec_ring_keeps_the_cuda_core_tiles_until_its_tensor_core_forms_are_measured():
+    from gdn_backend.kernels.heuristics import (choose_spec_fold_tile, choose_spec_tile,
+                                                choose_spec_verify_tile)
 
     for batch, heads in ((256, 32), (16, 4), (4, 4)):
         for state_bytes in (2, 4):
+            cuda_cores = choose_spec_tile(batch, heads, 128, state_bytes)
+            assert not cuda_cores.tensor_cores
+            assert choose_spec_fold_tile(batch, heads, 128, state_bytes) == cuda_cores
             for tokens in (2, 4, 8):
-                assert not choose_spec_verify_tile(batch, heads, 128, state_bytes,
-                                                   tokens).tensor_cores
-                assert choose_spec_verify_tile(batch, heads, 128, state_bytes, tokens) == \
-                    choose_spec_tile(batch, heads, 128, state_bytes)
+                assert choose_spec_verify_tile(batch, heads, 128, state_bytes,
+                                               tokens) == cuda_cores

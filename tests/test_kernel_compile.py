@@ -87,13 +87,17 @@ def test_each_cta_prefetches_one_later_tile_once_the_indices_are_final(ptx_dir, 
 
 @pytest.mark.parametrize("name", FOLDS)
 def test_the_fold_writes_states_in_16_byte_vectors(ptx_dir, name):
-    """The folded checkpoint, and with snapshots the track slot (before the records or after
-    one of them): each a copy of the thread's rows in 16-byte stores."""
+    """The folded checkpoint, and with snapshots the track slot (on CUDA cores: before the
+    records or after one of them): each a copy of the thread's rows in 16-byte stores where
+    the pool allows them."""
     cfg = VARIANTS[name]
     ptx = (ptx_dir / f"{name}.ptx").read_text()
     stores = sum(ptx.count(f"st.global.v4.{t}") for t in ("f32", "b32"))
-    per_copy = cfg.rows_per_thread * cfg.head_k_dim // (8 * 16 // cfg.state_dtype.itemsize)
-    assert stores == per_copy * (3 if cfg.track else 1)
+    lanes_per_row = 4 if cfg.tensor_cores else 8
+    per_copy = cfg.rows_per_thread * cfg.head_k_dim // (lanes_per_row * 16 // cfg.state_dtype.itemsize)
+    # The CUDA-core fold stores a snapshot in two places, the tensor-core one (closed form) in one.
+    snapshots = (1 if cfg.tensor_cores else 2) if cfg.track else 0
+    assert stores == (per_copy * (1 + snapshots) if cfg.state_vectorized else 0)
 
 
 @pytest.mark.parametrize("name", SPEC_MMA)
@@ -112,3 +116,14 @@ def test_the_tensor_core_verify_runs_its_products_on_mma_and_reads_its_rows_whol
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == products
     row_loads = R * K // (4 * 16 // cfg.state_dtype.itemsize) if cfg.state_vectorized else 0
     assert ptx.count("ld.global.v4.b32") == row_loads
+
+
+@pytest.mark.parametrize("name", [n for n in FOLDS if VARIANTS[n].tensor_cores])
+def test_the_tensor_core_fold_updates_each_state_in_one_mma_per_four_records(ptx_dir, name):
+    """Per 16 rows and 8 columns of a warp, one mma.sync per four ring places, for the folded
+    checkpoint and again for a snapshot."""
+    cfg = VARIANTS[name]
+    ptx = (ptx_dir / f"{name}.ptx").read_text()
+    tiles = cfg.rows_per_thread // 2 * cfg.head_k_dim // 8
+    products = tiles * -(-cfg.ring_len // 4) * (2 if cfg.track else 1)
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == products

@@ -82,12 +82,11 @@ SPEC_MMA_WIDE = Tile(rows_per_cta=128, rows_per_thread=2, tensor_cores=True)
 @pytest.mark.parametrize("tile", [TINY, LARGE, SPEC_WIDE, SPEC_MMA_SMALL, SPEC_MMA, SPEC_MMA_WIDE],
                          ids=["8x1", "32x2", "64x2", "32x2tc", "64x2tc", "128x2tc"])
 def test_every_spec_tile_equals_the_reference(monkeypatch, tile, state_dtype):
-    """Each tile the dispatch may choose (and the tensor-core verify's whole-head one), forced
-    on one batch: verify, then the fold (at its own tile where the verify's is a tensor-core one)."""
+    """Each tile the dispatch may choose, and the tensor-core ones, forced on one batch:
+    verify, then the fold."""
     from gdn_backend.kernels import launch
 
-    if not tile.tensor_cores:
-        monkeypatch.setattr(launch, "choose_spec_tile", lambda *shape: tile)
+    monkeypatch.setattr(launch, "choose_spec_fold_tile", lambda *shape: tile)
     monkeypatch.setattr(launch, "choose_spec_verify_tile", lambda *shape: tile)
     ring = SpecRing(8, 6, *HEADS["tp1"], layers=2, state_dtype=state_dtype, device="cuda",
                     seed=13)
@@ -231,21 +230,43 @@ def fold_reference(ring, slots, rows, accept, track=None, steps=None):
 @pytest.mark.parametrize("track", [False, True], ids=["fold", "fold+track"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_fold_equals_the_reference(device, state_dtype, track):
-    ring = SpecRing(10, 6, layers=2, state_dtype=state_dtype, device=device, seed=5)
-    ring.write_pos.copy_(indices([3, 16, 7, 9, 1, 12], device))
+    check_fold(device, state_dtype, track)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ring_len", [16, 32])
+@pytest.mark.parametrize("track", [False, True], ids=["fold", "fold+track"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("tile", [SPEC_MMA_SMALL, SPEC_MMA], ids=["32x2tc", "64x2tc"])
+def test_the_tensor_core_fold_equals_the_reference(monkeypatch, tile, state_dtype, track,
+                                                   ring_len):
+    from gdn_backend.kernels import launch
+
+    monkeypatch.setattr(launch, "choose_spec_fold_tile", lambda *shape: tile)
+    check_fold("cuda", state_dtype, track, ring_len)
+
+
+def check_fold(device, state_dtype, track, ring_len=16):
+    """Rows folding and not, a full ring and one of a single record, a padding slot; with
+    `track`, snapshots from flushing and non-flushing rows after all of a row's records, some
+    and none, none for two requests. Only the folded and snapshot slots change."""
+    ring = SpecRing(10, 6, ring_len=ring_len, layers=2, state_dtype=state_dtype, device=device,
+                    seed=5)
+    full = ring_len
+    ring.write_pos.copy_(indices([3, full, 7, 9, 1, full - 4], device))
     ring.is_flush.copy_(indices([1, 1, 0, 1, 0, 1], device, torch.int8))
     slots, rows = indices([3, -1, 7, 1, 2, 5]), indices([0, 2, 3, 1, 4, 5])
-    accept = indices([2, 3, 4, 1, 1, 3])
+    accept = indices([2, 3, 4, 1, 2, 3])
     tracks = steps = None
-    if track:  # snapshots from flushing and non-flushing rows, none for two
-        tracks, steps = indices([8, -1, 9, 6, -1, 4]), indices([1, 0, 3, 0, 0, -1])
+    if track:  # after all of a row's records, 6 of 9, none (1 - 2 + 0 + 1)
+        tracks, steps = indices([8, -1, 9, 6, 0, 4]), indices([1, 0, 0, 0, 0, -1])
     args = [None if t is None else t.to(device) for t in (slots, rows, accept, tracks, steps)]
     before = ring.checkpoint.cpu().clone()
     ref = fold_reference(ring, *args)
     fold(ring, *args)
     assert relative_error(ring.checkpoint.cpu(), ref.checkpoint) < STATE_TOL[state_dtype]
     changed = (ring.checkpoint.cpu() != before).flatten(2).any(-1).all(0)
-    assert changed.nonzero().flatten().tolist() == sorted({3, 7, 1, 5} | ({8, 9, 6} if track else set()))
+    assert changed.nonzero().flatten().tolist() == sorted({3, 7, 1, 5} | ({8, 9, 6, 0} if track else set()))
     for now, then in zip(ring.cursors, ref.cursors):
         assert torch.equal(now.cpu(), then)
 

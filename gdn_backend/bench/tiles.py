@@ -16,7 +16,7 @@ V = 128
 def parse_tile(text: str) -> Tile:
     """"RxT" -> Tile(R rows per CTA, T rows per thread), for a tile the kernel can build at V=128;
     "RxNtc": R rows per CTA, N a thread, on the tensor-core kernel (bf16 pools, T <= 4; the
-    spec verify's, T <= 4)."""
+    spec ring's verify, T <= 4, and fold)."""
     match = re.fullmatch(r"(\d+)x(\d+)(tc)?", text)
     if not match:
         raise argparse.ArgumentTypeError(
@@ -44,10 +44,10 @@ def tile_name(tile: Tile) -> str:
 def forced_tile(tile: Tile):
     """Within: every decode launch (ReplaySSM's rings and the spec ring's too) takes `tile` in
     place of the dispatch's choice; a tensor-core tile only those with a tensor-core form (the
-    decode and the spec verify)."""
-    names = ("choose_tile", "choose_spec_verify_tile")
-    if not tile.tensor_cores:  # the kernels with no tensor-core form keep their own
-        names += ("choose_ring_tile", "choose_spec_tile")
+    decode, the spec verify and fold)."""
+    names = ("choose_tile", "choose_spec_verify_tile", "choose_spec_fold_tile")
+    if not tile.tensor_cores:  # ReplaySSM decode has no tensor-core form: it keeps its own
+        names += ("choose_ring_tile",)
     chosen = [getattr(launch, name) for name in names]
     for name in names:
         setattr(launch, name, lambda *shape, **options: tile)

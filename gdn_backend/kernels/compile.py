@@ -43,8 +43,8 @@ class KernelConfig:
     qkv_vectorized: bool = True           # q/k allow vector reads of K/32 elements
     state_vectorized: bool = True         # pool (and intermediate) allow 16-byte accesses
     use_pdl: bool = True
-    # decode_mma.py (bf16 pools, T <= 4) rather than decode.py; for the spec ring's verify,
-    # replayssm_spec_mma.py (T <= 4) rather than replayssm_spec.py.
+    # decode_mma.py (bf16 pools, T <= 4) rather than decode.py; for the spec ring's verify
+    # (T <= 4) and fold, replayssm_spec_mma.py rather than replayssm_spec.py.
     tensor_cores: bool = False
     per_token_slots: bool = False         # state_indices [B, T] with num_accepted_tokens [B]
     ragged: bool = False                  # cu_seqlens [B + 1] over [1, N, ...] token inputs
@@ -245,7 +245,7 @@ def build(cfg: KernelConfig):
     from .decode_mma import GatedDeltaRuleDecodeMMA
     from .replayssm_decode import ReplaySSMDecode
     from .replayssm_spec import ReplaySSMSpecFinish, ReplaySSMSpecFold, ReplaySSMSpecVerify
-    from .replayssm_spec_mma import ReplaySSMSpecVerifyMMA
+    from .replayssm_spec_mma import ReplaySSMSpecFoldMMA, ReplaySSMSpecVerifyMMA
 
     if cfg.spec == "finish":
         return cute.compile(ReplaySSMSpecFinish(ring_len=cfg.ring_len, track=cfg.track),
@@ -265,8 +265,9 @@ def build(cfg: KernelConfig):
                     rows_per_thread=cfg.rows_per_thread, use_pdl=cfg.use_pdl,
                     prefetch_state=cfg.state_vectorized, ring_len=cfg.ring_len)
         if cfg.spec == "fold":
-            return cute.compile(ReplaySSMSpecFold(track=cfg.track, **spec),
-                                *fake_fold_arguments(cfg), options="--enable-tvm-ffi")
+            kind = ReplaySSMSpecFoldMMA if cfg.tensor_cores else ReplaySSMSpecFold
+            return cute.compile(kind(track=cfg.track, **spec), *fake_fold_arguments(cfg),
+                                options="--enable-tvm-ffi")
         kind = ReplaySSMSpecVerifyMMA if cfg.tensor_cores else ReplaySSMSpecVerify
         kernel = kind(tokens=cfg.tokens, **spec)
     elif cfg.ring_len:

@@ -25,7 +25,7 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
 - Otherwise, several tokens: 2 rows a thread (about 85 registers, 128 threads).
 
 ReplaySSM decode has rules of its own (`choose_ring_tile`), and so does the spec ring
-(`choose_spec_tile`, `choose_spec_verify_tile`).
+(`choose_spec_tile`, `choose_spec_verify_tile`, `choose_spec_fold_tile`).
 """
 
 from __future__ import annotations
@@ -158,6 +158,13 @@ def choose_spec_verify_tile(batch: int, num_v_heads: int, head_v_dim: int, state
     yet run on a GPU, so the dispatch keeps `choose_spec_tile`'s CUDA-core tiles until it has
     been checked and measured; the GPU tests and `--tiles 64x2tc` force it."""
     return choose_spec_tile(batch, num_v_heads, head_v_dim, state_bytes)
+
+
+def choose_spec_fold_tile(heads: int, num_v_heads: int, head_v_dim: int,
+                          state_bytes: int) -> Tile:
+    """The fold's tile, for `heads` = batch x layers: `choose_spec_tile`'s, CUDA cores; its
+    tensor-core form (replayssm_spec_mma.py) waits for its first GPU run, as the verify's."""
+    return choose_spec_tile(heads, num_v_heads, head_v_dim, state_bytes)
 
 
 def spec_verify_tiles_for(num_v_heads: int, head_v_dim: int, state_bytes: int,

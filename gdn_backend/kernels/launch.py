@@ -14,7 +14,7 @@ import torch
 
 from ..validation import Call, Problem, RingCall, SpecFoldCall, SpecVerifyCall
 from . import compile as _compile
-from .heuristics import (TINY, choose_ring_tile, choose_spec_tile, choose_spec_verify_tile,
+from .heuristics import (TINY, choose_ring_tile, choose_spec_fold_tile, choose_spec_verify_tile,
                          choose_tile, ring_tiles_for, spec_tiles_for, spec_verify_tiles_for,
                          tiles_for)
 
@@ -172,20 +172,21 @@ def spec_fold_configs(fc: SpecFoldCall) -> tuple[_compile.KernelConfig, _compile
     """The commit's fold and its cursor reset."""
     layers, P, HV, V, K = fc.checkpoint.shape
     rings = fc.rings
-    tile = choose_spec_tile(fc.batch * layers, HV, V, fc.checkpoint.element_size())
+    tile = choose_spec_fold_tile(fc.batch * layers, HV, V, fc.checkpoint.element_size())
     vec = 16 // fc.checkpoint.element_size()
     fold = _compile.KernelConfig(
         num_heads=fc.num_heads, num_v_heads=HV, head_k_dim=K, head_v_dim=V, tokens=1,
         qkv_dtype=rings.ring_d.dtype, gate_dtype=torch.float32, A_log_dtype=torch.float32,
         dt_bias_dtype=torch.float32, state_dtype=fc.checkpoint.dtype,
         index_dtype=fc.state_indices.dtype, rows_per_cta=tile.rows_per_cta,
-        rows_per_thread=tile.rows_per_thread,
+        rows_per_thread=tile.rows_per_thread, tensor_cores=tile.tensor_cores,
         state_vectorized=_aligned(fc.checkpoint, vec, fc.checkpoint.stride()[:2]),
         use_pdl=_compile.USE_PDL, ring_len=rings.ring_len, ring_dtype=rings.ring_d.dtype,
         ring_vectorized=_spec_rings_vectorized(rings), spec="fold",
         row_index_dtype=rings.rows.dtype, track=fc.track_indices is not None)
     return fold, replace(fold, spec="finish", rows_per_cta=TINY.rows_per_cta,
-                         rows_per_thread=TINY.rows_per_thread, state_vectorized=True,
+                         rows_per_thread=TINY.rows_per_thread, tensor_cores=False,
+                         state_vectorized=True,
                          ring_vectorized=True, use_pdl=False)
 
 

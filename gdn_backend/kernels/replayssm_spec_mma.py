@@ -1,7 +1,9 @@
-"""The spec ring's verify on tensor cores, for windows of up to four tokens and K = 128.
+"""The spec ring's verify (windows of up to four tokens) and fold on tensor cores, K = 128.
 
-Same contract, prologue, input staging and ring appends as `ReplaySSMSpecVerify`
-(replayssm_spec.py); what a warp does with its rows differs. The state the checkpoint and
+Same contracts, prologues, input staging and ring appends as `ReplaySSMSpecVerify` and
+`ReplaySSMSpecFold` (replayssm_spec.py); what a warp does with its rows differs.
+
+Verify (`ReplaySSMSpecVerifyMMA`). The state the checkpoint and
 the W records stand for, S = e^Γ S0 + Σ_c λ_c d_c κ_cᵀ, is never formed: every row's
 projections on the window's vectors x (k̂_s and q̂_s, decode_mma.py's high/low A rows) are
 
@@ -21,6 +23,9 @@ scalars as decode_mma.py's step 3 does, from S: with p_x = S_{s-1} x for every v
 still to come, d_s = β_s (v_s − α_s p_{k̂_s}), o_s = α_s p_{q̂_s} + d_s k̂_s·q̂_s, and
 p_x = α_s p_x + d_s k̂_s·x. Lane s of a quad writes token s's output and its d_s to the ring.
 
+Fold (`ReplaySSMSpecFoldMMA`): the closed form e^Γ S0 + Σ_c λ_c d_c κ_cᵀ, a rank-W update
+as decode_mma.py's step 4 makes it (see the class).
+
 Columns: lane c of a quad holds 8-column groups c, c + 4, c + 8, c + 12 of each of its rows
 (a quad reads 64 bytes of a bf16 row, 128 of an fp32 one, at once), as decode_mma.py does;
 the records' keys are read in the same order.
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import BFloat16, Float32, Int32, const_expr
+from cutlass import BFloat16, Float32, Int32, Int64, const_expr
 
 from .decode_mma import (DOTS_STRIDE, MAX_TOKENS, MMA_ROWS, VECTOR_STRIDE, VECTORS, bf16_pair,
                          bf16_residual, mma_bf16, pair_products, quad_rows, row_window,
@@ -38,7 +43,7 @@ from .decode_mma import (DOTS_STRIDE, MAX_TOKENS, MMA_ROWS, VECTOR_STRIDE, VECTO
 from .decode import BETA, DECAY
 from .heuristics import MMA_LANES_PER_ROW
 from .replayssm_decode import record_weights
-from .replayssm_spec import ReplaySSMSpecVerify
+from .replayssm_spec import ReplaySSMSpecFold, ReplaySSMSpecVerify, fold_plan
 
 # Places of the ring one MMA's K dimension takes.
 RECORD_BLOCK = 16
@@ -51,6 +56,19 @@ def split_words(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
     low = (bf16_pair(bf16_residual(x0), bf16_residual(x1)),
            bf16_pair(bf16_residual(x2), bf16_residual(x3)))
     return high, low
+
+
+@cute.jit
+def load_groups(gS: cute.Tensor, lane: Int32, rows) -> cute.Tensor:
+    """Lane c's 8-column groups c + 4j of its rows of a [V, K] state: (8, K/32, rows), as
+    stored (decode_mma.py's column order)."""
+    groups = gS.shape[1] // (GROUP * MMA_LANES_PER_ROW)
+    raw = cute.make_rmem_tensor((GROUP, groups, len(rows)), gS.element_type)
+    for r in cutlass.range_constexpr(len(rows)):
+        for j in cutlass.range_constexpr(groups):
+            cute.autovec_copy(cute.local_tile(gS[rows[r], None], (GROUP,),
+                                              (j * MMA_LANES_PER_ROW + lane,)), raw[None, j, r])
+    return raw
 
 
 class ReplaySSMSpecVerifyMMA(ReplaySSMSpecVerify):
@@ -126,7 +144,7 @@ class ReplaySSMSpecVerifyMMA(ReplaySSMSpecVerify):
             mQ, mPool, mIdx, mFlag, mRingD, mRows, mWritePos, mBase, mIsFlush, mCuSeqlens, bid,
             n, hv, tile, tidx, min_valid_slot)
         if valid:  # uniform over the CTA, so the barriers are safe
-            raw = self.load_groups(mPool[slot, hv, None, None], lane, rows)
+            raw = load_groups(mPool[slot, hv, None, None], lane, rows)
             v_in = self.load_v(mV, req, hv, rows)
             records = self.load_record_words(mRingD, mRingDLow, row, hv, lane, rows, held, base)
             log_decay = self.load_log_decay(mRingG, row, hv, warp_lane, held, base)
@@ -153,18 +171,6 @@ class ReplaySSMSpecVerifyMMA(ReplaySSMSpecVerify):
         else:
             if zero_out and lane == 0:
                 self.zero_outputs(mOut, req, hv, rows)
-
-    @cute.jit
-    def load_groups(self, gS: cute.Tensor, lane: Int32, rows) -> cute.Tensor:
-        """This lane's 8-column groups lane + 4j of its rows: (8, K/32, rows), as stored."""
-        groups = self.K // (GROUP * MMA_LANES_PER_ROW)
-        raw = cute.make_rmem_tensor((GROUP, groups, len(rows)), gS.element_type)
-        for r in cutlass.range_constexpr(len(rows)):
-            for j in cutlass.range_constexpr(groups):
-                cute.autovec_copy(cute.local_tile(gS[rows[r], None], (GROUP,),
-                                                  (j * MMA_LANES_PER_ROW + lane,)),
-                                  raw[None, j, r])
-        return raw
 
     @cute.jit
     def load_record_words(self, mRingD, mRingDLow, row, hv, lane, rows, held, base):
@@ -338,3 +344,170 @@ class ReplaySSMSpecVerifyMMA(ReplaySSMSpecVerify):
                         part[1] = words[first + 2]
                         cute.autovec_copy(cute.recast_tensor(part, ring.element_type),
                                           cute.local_tile(ring[row, h, p, None], (4,), (tidx,)))
+
+
+class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
+    """The commit's fold on tensor cores, in closed form: a marked row's checkpoint becomes
+    S_W = e^Γ S0 + Σ_c λ_c d_c κ_cᵀ, and a snapshot after t records S_t the same over the
+    first t (its own weights), both from the checkpoint as loaded. The rank-W update is
+    decode_mma.py's step 4 with records for tokens: per 16 rows and 8 columns, one MMA per
+    four records, whose K dimension pairs (λd high, λd low) of lane c's record 4q + c with
+    that record's (κ high, κ low); the accumulator lands on the lane's own columns, so each
+    new row is e^Γ S0 + D in the registers it was read into."""
+
+    lanes_per_row = MMA_LANES_PER_ROW
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        assert self.K == 128 and self.rows_per_thread % 2 == 0
+        self.warp_rows = MMA_ROWS * self.rows_per_thread // 2
+        assert self.rows_per_cta % self.warp_rows == 0
+        # k-blocks of the update: four records each, lane c's the c-th of each.
+        self.record_blocks = -(-self.L // 4)
+
+    def thread_rows(self, tidx: Int32, tile):
+        return quad_rows(self, tidx, tile)
+
+    def key_words_layout(self):
+        """sKeys[b, g, j, c]: record c's (κ high, κ low) at the column that lane (g, ·)
+        supplies to the MMA of n-tile (j, b), 8 (4j + g / 2) + 2b + g % 2 (decode_mma.py's
+        step 4), so that a lane reads its four b of one j in one 16-byte load."""
+        groups = self.K // (GROUP * MMA_LANES_PER_ROW)
+        return cute.make_layout((4, 8, groups, 4 * self.record_blocks),
+                                stride=(1, 4, 32, 32 * groups))
+
+    def smem_bytes(self) -> int:
+        return 4 * self.record_blocks * self.K * 4 + 64
+
+    @cute.kernel
+    def kernel(self, mPool: cute.Tensor, mIdx: cute.Tensor, mFlag: cute.Tensor,
+               mRingD: cute.Tensor, mRingDLow: cute.Tensor, mRingK: cute.Tensor,
+               mRingKLow: cute.Tensor, mRingG: cute.Tensor, mRows: cute.Tensor,
+               mWritePos: cute.Tensor, mBase: cute.Tensor, mIsFlush: cute.Tensor,
+               mAccept: cute.Tensor, mTrack: cute.Tensor, mTrackSteps: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        B = mIdx.shape[0]
+        tile, hv = bid % self.tiles, (bid // self.tiles) % self.HV
+        n = (bid // (self.tiles * self.HV)) % B
+        layer = bid // (self.tiles * self.HV * B)
+        lane, rows = self.thread_rows(tidx, tile)
+        h = hv // (self.HV // self.H)
+        warp_lane = tidx % 32
+        pool = mPool[layer, None, None, None, None]
+        ring_d = mRingD[layer, None, None, None, None]
+        ring_d_low = mRingDLow[layer, None, None, None, None]
+        ring_g = mRingG[layer, None, None, None]
+
+        smem = cutlass.utils.SmemAllocator()
+        sKeys = smem.allocate_tensor(Int32, self.key_words_layout(), byte_alignment=16)
+
+        if const_expr(self.use_pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+        slot, row, held, base, flushing, track_slot, track_len, bad = fold_plan(
+            self.track, self.L, Int64(pool.shape[0]), Int64(ring_d.shape[0]), mIdx, mRows,
+            mWritePos, mBase, mIsFlush, mAccept, mTrack, mTrackSteps, n)
+        if bad and tidx == 0 and hv == 0 and tile == 0 and layer == 0:
+            mFlag[0] = Int32(1)
+        if slot >= Int64(0) and not bad and (flushing or track_len >= 0):
+            gS = pool[slot, hv, None, None]
+            raw = load_groups(gS, lane, rows)
+            d = self.load_fold_records(ring_d, ring_d_low, row, hv, lane, rows, held, base)
+            log_decay = self.load_log_decay(ring_g, row, hv, warp_lane, held, base)
+            self.stage_key_words(mRingK[layer, None, None, None, None],
+                                 mRingKLow[layer, None, None, None, None], sKeys, row, h, tidx,
+                                 held, base)
+            cute.arch.barrier()
+            if track_len >= 0:
+                # The snapshot's weights: the same scan over its first track_len records.
+                first = Float32(cutlass.select_(warp_lane < track_len, log_decay, Float32(0.0)))
+                weight, total = record_weights(first, warp_lane, track_len)
+                self.store_update(raw, d, weight, total, sKeys, pool[track_slot, hv, None, None],
+                                  lane, warp_lane, rows)
+            if flushing:
+                weight, total = record_weights(log_decay, warp_lane, held)
+                self.store_update(raw, d, weight, total, sKeys, gS, lane, warp_lane, rows)
+
+    @cute.jit
+    def load_fold_records(self, ring_d, ring_d_low, row, hv, lane, rows, held, base):
+        """d of lane c's records 4q + c (high + low) at its rows: (record_blocks, rows), zero
+        from W on."""
+        d = cute.make_rmem_tensor((self.record_blocks, len(rows)), Float32)
+        d.fill(0.0)
+        for q in cutlass.range_constexpr(self.record_blocks):
+            c = 4 * q + lane
+            if c < held:
+                p = (base + c) & (self.L - 1)
+                for r in cutlass.range_constexpr(len(rows)):
+                    d[q, r] = Float32(ring_d[row, hv, p, rows[r]]) + Float32(
+                        ring_d_low[row, hv, p, rows[r]])
+        return d
+
+    @cute.jit
+    def stage_key_words(self, ring_k, ring_k_low, sKeys, row, h, tidx, held, base):
+        """Every record place's key words into sKeys, 4 columns a thread at a time (zero
+        from W on: they meet zero weights in the MMA, and must not be NaN)."""
+        groups = self.K // 4
+        places = 4 * self.record_blocks
+        for i in cutlass.range_constexpr(-(-places * groups // self.threads)):
+            task = tidx + self.threads * i
+            if task < places * groups:
+                c, q4 = task // groups, task % groups
+                high = cute.make_rmem_tensor((4,), BFloat16)
+                low = cute.make_rmem_tensor((4,), BFloat16)
+                high.fill(0.0)
+                low.fill(0.0)
+                if c < held:
+                    p = (base + c) & (self.L - 1)
+                    cute.autovec_copy(cute.local_tile(ring_k[row, h, p, None], (4,), (q4,)), high)
+                    cute.autovec_copy(cute.local_tile(ring_k_low[row, h, p, None], (4,), (q4,)),
+                                      low)
+                for e in cutlass.range_constexpr(4):
+                    col = 4 * q4 + e
+                    pair = cute.make_rmem_tensor((2,), BFloat16)
+                    pair[0] = high[e]
+                    pair[1] = low[e]
+                    sKeys[col % 8 // 2, col // 8 % 4 * 2 + col % 2, col // 32, c] = \
+                        cute.recast_tensor(pair, Int32)[0]
+
+    @cute.jit
+    def store_update(self, raw, d, weight, total, sKeys, dst, lane, warp_lane, rows):
+        """e^Γ S0 + Σ_c λ_c d_c κ_cᵀ on this thread's rows, to dst ([V, K])."""
+        R = self.rows_per_thread
+        g = warp_lane // 4
+        decay = Float32(cute.math.exp(total))
+        # A per k-block q and 16-row block m: (high, high) and (low, low) of λ d, rows
+        # g + 16m and g + 16m + 8 (decode_mma.py's step 4).
+        a = []
+        for q in cutlass.range_constexpr(self.record_blocks):
+            lam = cute.arch.shuffle_sync(weight, 4 * q + lane)
+            per_block = []
+            for m in cutlass.range_constexpr(R // 2):
+                y = [lam * d[q, 2 * m + i] for i in range(2)]
+                per_block.append((bf16_pair(y[0], y[0]), bf16_pair(y[1], y[1]),
+                                  bf16_pair(bf16_residual(y[0]), bf16_residual(y[0])),
+                                  bf16_pair(bf16_residual(y[1]), bf16_residual(y[1]))))
+            a.append(per_block)
+        groups = self.K // (GROUP * MMA_LANES_PER_ROW)
+        for j in cutlass.range_constexpr(groups):
+            keys = []
+            for q in cutlass.range_constexpr(self.record_blocks):
+                words = cute.make_rmem_tensor((4,), Int32)
+                cute.autovec_copy(sKeys[None, g, j, 4 * q + lane], words)
+                keys.append(words)
+            new = cute.make_rmem_tensor((GROUP, R), Float32)
+            for b in cutlass.range_constexpr(4):
+                for m in cutlass.range_constexpr(R // 2):
+                    acc = [Float32(0.0)] * 4
+                    for q in cutlass.range_constexpr(self.record_blocks):
+                        acc = mma_bf16(a[q][m], (keys[q][b], keys[q][b]), acc)
+                    for i in cutlass.range_constexpr(2):
+                        for e in cutlass.range_constexpr(2):
+                            x = 2 * b + e
+                            new[x, 2 * m + i] = decay * Float32(raw[x, j, 2 * m + i]) + acc[2 * i + e]
+            out = cute.make_rmem_tensor((GROUP, R), dst.element_type)
+            out.store(new.load().to(dst.element_type))
+            for r in cutlass.range_constexpr(R):
+                cute.autovec_copy(out[None, r], cute.local_tile(
+                    dst[rows[r], None], (GROUP,), (j * MMA_LANES_PER_ROW + lane,)))
