@@ -324,12 +324,18 @@ def test_verify_and_commit_over_many_steps_follow_the_reference(device):
 
 
 @pytest.mark.gpu
-def test_verify_replays_in_a_cuda_graph_with_padded_batches():
+@pytest.mark.parametrize("tile", [None, SPEC_MMA], ids=["dispatch", "64x2tc"])
+def test_verify_replays_in_a_cuda_graph_with_padded_batches(monkeypatch, tile):
+    from gdn_backend.kernels import launch
+
     ring = SpecRing(8, 4, device="cuda", seed=9)
     gdn_backend.warmup_replayssm_spec(device="cuda", num_heads=2, num_v_heads=4, ring_len=16,
                                       max_tokens=T, dt_bias_dtype=torch.float32)
     window = ring.window([T] * 4)
     slots, rows = indices([1, 2, -1, -1], "cuda"), indices([0, 1, 2, 3], "cuda")
+    if tile is not None:  # a forced tile is not among warm-up's: an eager call compiles it
+        monkeypatch.setattr(launch, "choose_spec_verify_tile", lambda *shape: tile)
+        verify(ring.to("cuda"), window, slots, rows)
     out = torch.empty_like(window[2])
     eager = ring.to("cuda")
     torch.cuda.synchronize()

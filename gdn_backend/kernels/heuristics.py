@@ -160,11 +160,17 @@ def choose_spec_verify_tile(batch: int, num_v_heads: int, head_v_dim: int, state
     return choose_spec_tile(batch, num_v_heads, head_v_dim, state_bytes)
 
 
-def choose_spec_fold_tile(heads: int, num_v_heads: int, head_v_dim: int,
+def choose_spec_fold_tile(batch_layers: int, num_v_heads: int, head_v_dim: int,
                           state_bytes: int) -> Tile:
-    """The fold's tile, for `heads` = batch x layers: `choose_spec_tile`'s, CUDA cores; its
+    """The fold's tile, for batch x layers requests: `choose_spec_tile`'s, CUDA cores; its
     tensor-core form (replayssm_spec_mma.py) waits for its first GPU run, as the verify's."""
-    return choose_spec_tile(heads, num_v_heads, head_v_dim, state_bytes)
+    return choose_spec_tile(batch_layers, num_v_heads, head_v_dim, state_bytes)
+
+
+def spec_fold_tiles_for(num_v_heads: int, head_v_dim: int, state_bytes: int) -> tuple[Tile, ...]:
+    """Every tile `choose_spec_fold_tile` can return for some batch of some layers."""
+    return tuple(dict.fromkeys(choose_spec_fold_tile(b, num_v_heads, head_v_dim, state_bytes)
+                               for b in range(1, 4097)))
 
 
 def spec_verify_tiles_for(num_v_heads: int, head_v_dim: int, state_bytes: int,

@@ -15,7 +15,7 @@ import torch
 from ..validation import Call, Problem, RingCall, SpecFoldCall, SpecVerifyCall
 from . import compile as _compile
 from .heuristics import (TINY, choose_ring_tile, choose_spec_fold_tile, choose_spec_verify_tile,
-                         choose_tile, ring_tiles_for, spec_tiles_for, spec_verify_tiles_for,
+                         choose_tile, ring_tiles_for, spec_fold_tiles_for, spec_verify_tiles_for,
                          tiles_for)
 
 SUPPORTED_HEAD_DIMS = (128,)
@@ -99,8 +99,8 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
     if base.spec == "verify":
         tiles = spec_verify_tiles_for(base.num_v_heads, base.head_v_dim,
                                       base.state_dtype.itemsize, base.tokens)
-    elif base.spec:
-        tiles = spec_tiles_for(base.num_v_heads, base.head_v_dim, base.state_dtype.itemsize)
+    elif base.spec == "fold":
+        tiles = spec_fold_tiles_for(base.num_v_heads, base.head_v_dim, base.state_dtype.itemsize)
     elif base.ring_len:
         tiles = ring_tiles_for(base.num_v_heads, base.head_v_dim)
     else:
