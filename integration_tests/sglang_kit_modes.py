@@ -12,7 +12,11 @@ on its fixtures and its reference:
   (`update_mamba_state_after_mtp_verify`), checked against the kit's reference run over
   the accepted tokens;
 - `decode_through_dispatcher`: SGLang's metadata and kernel dispatcher without its Triton
-  conv and attention metadata, so that the kit runs on a CPU (the op's reference path).
+  conv and attention metadata, so that the kit runs on a CPU (the op's reference path);
+- `replayssm_decode_steps`: SGLang's decode ring (`--enable-linear-replayssm`) on the kit's
+  fixture, step after step past a flush, through SGLang's own cursor metadata;
+- `replayssm_spec_verify`: SGLang's spec ring (`--enable-linear-replayssm-spec`) on the kit's
+  fixture: its chain verify from checkpoints and request rows' rings holding records.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from sglang_kit import HEAD_DIM, cache_indices, ssm_states, testcase
 
 MAX_CONTEXT_LEN = 64
+RING = 16  # --linear-replayssm-cache-len, SGLang's default
 
 
 def _kit():
@@ -45,13 +50,25 @@ def _build(case, **kwargs):
 
 @contextlib.contextmanager
 def kernel_calls():
-    """Counts the calls into gdn_backend's and SGLang's Triton GDN kernels, by name."""
+    """Counts the calls into gdn_backend's and SGLang's Triton GDN kernels, and into the
+    spec ring's verify op from the plugin's hook, by name."""
     from sglang.srt.layers.attention.linear.kernels.gdn_triton import TritonGDNKernel
 
     from gdn_backend.integrations.sglang import GDNBackendKernel
 
+    from gdn_backend.integrations import sglang_spec_ring
+
     calls = collections.Counter()
     with contextlib.ExitStack() as stack:
+        # The spec ring's verify: the plugin's hook calls the op by this module name.
+        spec_verify = sglang_spec_ring.replayssm_spec_verify
+
+        def counted_spec_verify(*args, **kwargs):
+            calls["gdn_backend.replayssm_spec_verify"] += 1
+            return spec_verify(*args, **kwargs)
+
+        stack.enter_context(mock.patch.object(sglang_spec_ring, "replayssm_spec_verify",
+                                              counted_spec_verify))
         for cls in (GDNBackendKernel, TritonGDNKernel):
             for method in ("packed_decode", "decode", "target_verify"):
                 original = getattr(cls, method)
@@ -238,3 +255,166 @@ def decode_through_dispatcher(case, device):
     _check(out, want_out)
     _check(pool[slots], want_pool[slots])
     return out, pool
+
+
+def replayssm_decode_steps(case, steps, device="cuda"):
+    """SGLang's decode ring on the kit's fixture: its pool built with
+    `enable_linear_replayssm` (SGLang's MambaPool allocates each slot's ring beside its
+    checkpoint), then `steps` decode steps of the case's requests, each through SGLang's
+    metadata (its cursor snapshot, flush rule and advance) and the layer's forward, which hands
+    the rings to the kernel. Each step's output is checked against the kit's reference run on
+    from the state before it; a slot's checkpoint changes only on a flush, to the reference's
+    state after that step. On a CPU the layer's forward is SGLang's dispatcher call as its
+    `forward_decode` makes it (the kit's conv is the identity on one token). Returns the flushes."""
+    from functools import partial
+
+    from sglang.srt.mem_cache.memory_pool import HybridReqToTokenPool
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    kit = _kit()
+    ring_pool = partial(HybridReqToTokenPool, enable_linear_replayssm=True,
+                        linear_replayssm_cache_len=RING)
+    with mock.patch.object(kit, "HybridReqToTokenPool", ring_pool):
+        fixture = _build(case, device=device)
+    backend, runner = fixture.backend, fixture.runner
+    linear = backend.linear_attn_backend
+    layer = fixture.actual_module.attn
+    assert runner.req_to_token_pool.mamba_pool.enable_linear_replayssm
+    pool = ssm_states(fixture)
+    state = pool.clone()  # the reference's states, run on from step to step
+    flushes = 0
+    for step in range(steps):
+        prefix = tuple(p + step for p in case.prefix_lens)
+        step_case = kit.make_gdn_case_with_prefix_lens(case, f"{case.name}_step{step}", prefix)
+        batch = kit._make_forward_batch(step_case, runner, max_context_len=MAX_CONTEXT_LEN,
+                                        device=device)
+        inputs = kit.make_gdn_random_inputs(step_case, fixture, dtype=fixture.mixed_qkv.dtype,
+                                            device=device)
+        want_out, want_state = _reference(fixture, step_case, batch.req_pool_indices, inputs,
+                                          state)
+        before = pool.clone()
+        with torch.no_grad(), forward_context(ForwardContext(attn_backend=backend)):
+            # On a CPU, the linear backend's metadata alone: the full-attention half's is Triton.
+            (backend if device == "cuda" else linear).init_forward_metadata(batch)
+            meta = linear.forward_metadata
+            if device == "cuda":
+                out = kit.run_gdn_forward(fixture, batch, inputs)
+            else:
+                cache = runner.req_to_token_pool.mamba2_layer_cache(layer.layer_id)
+                out = linear.kernel_dispatcher.packed_decode(
+                    mixed_qkv=inputs["mixed_qkv"], a=inputs["a"], b=inputs["b"],
+                    A_log=layer.A_log, dt_bias=layer.dt_bias, scale=layer.head_k_dim**-0.5,
+                    ssm_states=pool, cache_indices=meta.mamba_cache_indices,
+                    num_v_heads=layer.num_v_heads, head_v_dim=layer.head_v_dim,
+                    replayssm_d=cache.replayssm_d, replayssm_k=cache.replayssm_k,
+                    replayssm_g=cache.replayssm_g, replayssm_write_pos=meta.replayssm_write_pos,
+                    replayssm_force_flush=meta.replayssm_force_flush)
+        _check(out, want_out)
+        flushed = meta.replayssm_write_pos == RING - 1
+        if meta.replayssm_force_flush is not None:
+            flushed = flushed | (meta.replayssm_force_flush.to(flushed.device) != 0)
+        slots = meta.mamba_cache_indices.long()
+        for slot, flush in zip(slots.tolist(), flushed.tolist()):
+            if flush:
+                _check(pool[slot], want_state[slot].to(pool.dtype))
+            else:
+                assert torch.equal(pool[slot], before[slot]), f"step {step}: slot {slot} written"
+        flushes += int(flushed.sum())
+        others = torch.ones(pool.shape[0], dtype=torch.bool, device=pool.device)
+        others[slots] = False
+        assert torch.equal(pool[others], before[others]), "a slot no request names changed"
+        state = want_state
+    return flushes
+
+
+def replayssm_spec_verify(case, device="cuda", held=(3, 5), bases=(14, 2)):
+    """SGLang's spec ring on the kit's verify fixture: its pool built with
+    `enable_linear_replayssm_spec` (rings keyed by request row, no intermediate states), each
+    request's ring seeded with `held` records from `bases` on (the first wraps the circle),
+    then the kit's chain verify through SGLang's backend (`_replayssm_target_verify`). Checked:
+    the outputs against the kit's reference run from the states checkpoint and records stand
+    for; the pool and the cursors untouched (SGLang's commit advances them); and the window's
+    appended records: with every draft accepted, the rings stand for the reference's state
+    after the window. On a CPU the verify is SGLang's `_replayssm_target_verify` call as its
+    `forward_extend` makes it (the kit's conv is the identity)."""
+    from functools import partial
+
+    from sglang.srt.mem_cache.memory_pool import HybridReqToTokenPool
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+    from sglang.test.kits.attention_unittest.runner_modes.speculative_target_verify_runner import (
+        _make_spec_verify_input, _prepare_target_verify_batch)
+
+    from gdn_backend.reference_replayssm_spec import replayssm_spec_state
+
+    kit = _kit()
+    ring_pool = partial(HybridReqToTokenPool, enable_linear_replayssm_spec=True,
+                        linear_replayssm_cache_len=RING)
+    with mock.patch.object(kit, "HybridReqToTokenPool", ring_pool):
+        fixture = _build(case, device=device)
+    batch = fixture.forward_batch
+    _prepare_target_verify_batch(batch, case, device)
+    batch.spec_info = _make_spec_verify_input(case, batch, topk=1, device=device,
+                                              spec_kind="eagle")
+    runner, linear, layer = fixture.runner, fixture.backend.linear_attn_backend, fixture.actual_module.attn
+    mamba_pool = runner.req_to_token_pool.mamba_pool
+    cache = runner.req_to_token_pool.mamba2_layer_cache(layer.layer_id)
+    cursors = (mamba_pool.replayssm_spec_write_pos, mamba_pool.replayssm_cache_base,
+               mamba_pool.replayssm_is_flush)
+    rings = (cache.replayssm_d, cache.replayssm_k, cache.replayssm_g, cache.replayssm_rawv,
+             cache.replayssm_rawk)
+    _seed_records(*rings)
+    rows = batch.req_pool_indices.long()
+    cursors[0][rows] = torch.tensor(held, dtype=cursors[0].dtype, device=device)
+    cursors[1][rows] = torch.tensor(bases, dtype=cursors[1].dtype, device=device)
+    pool = ssm_states(fixture)
+    slots = cache_indices(fixture).long()
+
+    def ring_states(write_pos):
+        states = pool.float().clone()
+        for slot, row in zip(slots.tolist(), rows.tolist()):
+            states[slot] = replayssm_spec_state(pool, *rings, slot, row, write_pos, cursors[1])
+        return states
+
+    initial = ring_states(cursors[0])
+    inputs = kit.gdn_fixture_inputs(fixture)
+    want_out = kit.expected_gdn_verify_output_from_inputs(fixture, case, inputs, (None, initial),
+                                                          topk=1)
+    before = [t.clone() for t in (pool, *cursors)]
+    T = case.input_lens[0]
+    with torch.no_grad(), forward_context(ForwardContext(attn_backend=fixture.backend)):
+        if device == "cuda":
+            fixture.backend.init_forward_metadata(batch)
+            out = kit.run_gdn_forward(fixture, batch, inputs)
+        else:  # the linear backend's metadata alone: the full-attention half's is Triton
+            linear.init_forward_metadata(batch)
+            meta = linear.forward_metadata
+            q, k, v = fixture.actual_module.split_qkv(inputs["mixed_qkv"])
+            out = linear._replayssm_target_verify(
+                layer=layer, query=q, key=k, value=v, a=inputs["a"], b=inputs["b"],
+                mamba_pool=mamba_pool, layer_cache=cache,
+                cache_indices=meta.mamba_cache_indices, replay_indices=batch.req_pool_indices,
+                query_start_loc=meta.query_start_loc, draft_token_num=T)
+    _check(out.reshape(want_out.shape), want_out)
+    for now, then in zip((pool, *cursors), before):
+        assert torch.equal(now, then), "the verify wrote the pool or a cursor"
+    window = dataclasses.replace(case, name="window", forward_mode=ForwardMode.EXTEND,
+                                 extend_lens=(T,) * case.batch_size)
+    _, want_after = _reference(fixture, window, batch.req_pool_indices, inputs, initial)
+    accepted = cursors[0].clone()
+    accepted[rows] += T
+    after = ring_states(accepted)
+    _check(after[slots], want_after[slots].float())
+
+
+def _seed_records(ring_d, ring_k, ring_g, ring_d_low, ring_k_low):
+    """Random records in every ring place: d small, keys unit, log-decays negative, each d
+    and key as SGLang keeps them, a bf16 high part and its bf16 low part."""
+    gen = torch.Generator().manual_seed(31)
+    d = torch.randn(ring_d.shape, generator=gen) * 0.2
+    keys = torch.randn(ring_k.shape, generator=gen)
+    keys = keys / keys.norm(dim=-1, keepdim=True)
+    for whole, high, low in ((d, ring_d, ring_d_low), (keys, ring_k, ring_k_low)):
+        high.copy_(whole.to(high.dtype))
+        low.copy_((whole - high.float().cpu()).to(low.dtype))
+    ring_g.copy_(-torch.rand(ring_g.shape, generator=gen) * 0.5)

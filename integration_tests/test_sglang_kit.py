@@ -36,6 +36,7 @@ from gdn_backend.integrations.sglang import GDNBackendKernel  # noqa: E402
 
 SSM_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 ACCEPTED = (2, 3)  # tokens of the verify case's two requests that SGLang commits
+REPLAY_STEPS = modes.RING + 2  # decode ring steps: past each ring's flush at write_pos L - 1
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,6 +121,36 @@ def test_kit_decode_through_sglangs_dispatcher_on_the_cpu(model_paths, no_gpu_ch
     assert calls == {"GDNBackendKernel.packed_decode": 1}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kit's whole forward")
+@pytest.mark.parametrize("ssm", SSM_DTYPES)
+@pytest.mark.parametrize("heads", sglang_kit.HEADS)
+def test_kit_replayssm_decode_through_sglangs_metadata_on_the_cpu(model_paths, no_gpu_check,
+                                                                  heads, ssm):
+    """SGLang's decode ring on the kit's fixture, past a flush: SGLang's pool allocates the
+    rings, its metadata keeps the cursors, the op (the reference path on a CPU) matches the
+    kit's reference step after step."""
+    with use_backend("gdn_backend", ssm_dtype=SSM_DTYPES[ssm], model_path=model_paths[heads],
+                     enable_linear_replayssm=True), modes.kernel_calls() as calls:
+        flushes = modes.replayssm_decode_steps(sglang_kit.decode_case(heads), REPLAY_STEPS,
+                                               "cpu")
+    assert flushes >= 3  # every request's ring filled once
+    assert calls == {"GDNBackendKernel.packed_decode": REPLAY_STEPS}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kit's whole forward")
+@pytest.mark.parametrize("ssm", SSM_DTYPES)
+@pytest.mark.parametrize("heads", sglang_kit.HEADS)
+def test_kit_replayssm_spec_verify_through_sglangs_backend_on_the_cpu(model_paths, no_gpu_check,
+                                                                      heads, ssm):
+    """SGLang's spec ring on the kit's verify fixture, rings holding records: SGLang's
+    verify method (the plugin's hook serves it; the reference path on a CPU) matches the
+    kit's reference, writes no state, and appends the window's records."""
+    with use_backend("gdn_backend", ssm_dtype=SSM_DTYPES[ssm], model_path=model_paths[heads],
+                     enable_linear_replayssm_spec=True), modes.kernel_calls() as calls:
+        modes.replayssm_spec_verify(sglang_kit.verify_case(heads), "cpu")
+    assert calls == {"gdn_backend.replayssm_spec_verify": 1}
+
+
 # GPU: every mode with each backend.
 
 def _decode_padded(heads):
@@ -147,10 +178,16 @@ MODES = {
     "tree_verify": (lambda heads: modes.kit_verify(
         sglang_kit.verify_case(heads, prefix_lens=(5, 6), name="gdn_tree_verify"), topk=2),
         "TritonGDNKernel.target_verify"),
+    "replayssm_decode": (lambda heads: modes.replayssm_decode_steps(
+        sglang_kit.decode_case(heads), REPLAY_STEPS), "GDNBackendKernel.packed_decode"),
+    "replayssm_spec_verify": (lambda heads: modes.replayssm_spec_verify(
+        sglang_kit.verify_case(heads)), "gdn_backend.replayssm_spec_verify"),
 }
 # The kit publishes speculative_eagle_topk=1 for every verify case, so SGLang's backend
 # builds no tree links and its tree cases run as chains; a tree needs EAGLE's top-k > 1.
-FLAGS = {"tree_verify": {"speculative_eagle_topk": 2}}
+FLAGS = {"tree_verify": {"speculative_eagle_topk": 2},
+         "replayssm_decode": {"enable_linear_replayssm": True},
+         "replayssm_spec_verify": {"enable_linear_replayssm_spec": True}}
 
 
 class Report:
