@@ -64,7 +64,8 @@ MMA = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)       # 64 thr
 MMA_WIDE = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)  # 128 threads
 RING_WIDE = Tile(rows_per_cta=64, rows_per_thread=4)  # 128 threads, 2 CTAs per head
 SPEC_WIDE = Tile(rows_per_cta=64, rows_per_thread=2)  # 256 threads, 2 CTAs per head
-# The spec verify on tensor cores (replayssm_spec_mma.py): 4 warps, 2 CTAs per head; 2 warps.
+# The spec ring's verify and fold on tensor cores (replayssm_spec_mma.py): 64 rows in 4 warps
+# (2 CTAs a head), 32 rows in 2.
 SPEC_MMA = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)
 SPEC_MMA_SMALL = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)
 TILES = (WIDE, LARGE, TINY, MMA, MMA_WIDE)
