@@ -356,7 +356,8 @@ def replayssm_spec_verify(case, device="cuda", held=(3, 5), bases=(14, 2)):
     _prepare_target_verify_batch(batch, case, device)
     batch.spec_info = _make_spec_verify_input(case, batch, topk=1, device=device,
                                               spec_kind="eagle")
-    runner, linear, layer = fixture.runner, fixture.backend.linear_attn_backend, fixture.actual_module.attn
+    runner, linear = fixture.runner, fixture.backend.linear_attn_backend
+    layer = fixture.actual_module.attn
     mamba_pool = runner.req_to_token_pool.mamba_pool
     cache = runner.req_to_token_pool.mamba2_layer_cache(layer.layer_id)
     cursors = (mamba_pool.replayssm_spec_write_pos, mamba_pool.replayssm_cache_base,

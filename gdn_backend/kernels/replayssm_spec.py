@@ -384,35 +384,19 @@ class ReplaySSMSpecFold(ReplaySSMSpecVerify):
                mWritePos: cute.Tensor, mBase: cute.Tensor, mIsFlush: cute.Tensor,
                mAccept: cute.Tensor, mTrack: cute.Tensor, mTrackSteps: cute.Tensor):
         tidx, _, _ = cute.arch.thread_idx()
-        bid, _, _ = cute.arch.block_idx()
-        B = mIdx.shape[0]
-        tile, hv = bid % self.tiles, (bid // self.tiles) % self.HV
-        n = (bid // (self.tiles * self.HV)) % B
-        layer = bid // (self.tiles * self.HV * B)
-        lane, rows = self.thread_rows(tidx, tile)
-        group = tidx // LANES_PER_ROW
-        h = hv // (self.HV // self.H)
-        R = self.rows_per_thread
-        pool = mPool[layer, None, None, None, None]
-        ring_d = mRingD[layer, None, None, None, None]
-        ring_d_low = mRingDLow[layer, None, None, None, None]
-        ring_k = mRingK[layer, None, None, None, None]
-        ring_k_low = mRingKLow[layer, None, None, None, None]
-        ring_g = mRingG[layer, None, None, None]
-
         smem = cutlass.utils.SmemAllocator()
         sKeys = smem.allocate_tensor(Float32, self.key_layout(), byte_alignment=16)
         sDecay = smem.allocate_tensor(Float32, cute.make_layout((self.places,)),
                                       byte_alignment=16)
-
-        if const_expr(self.use_pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
-        slot, row, held, base, flushing, track_slot, track_len, bad = fold_plan(
-            self.track, self.L, Int64(pool.shape[0]), Int64(ring_d.shape[0]), mIdx, mRows,
-            mWritePos, mBase, mIsFlush, mAccept, mTrack, mTrackSteps, n)
-        if bad and tidx == 0 and hv == 0 and tile == 0 and layer == 0:
-            mFlag[0] = Int32(1)
+        tile, hv, pool, rings, plan = self.fold_request(
+            mPool, mIdx, mFlag, mRingD, mRingDLow, mRingK, mRingKLow, mRingG, mRows, mWritePos,
+            mBase, mIsFlush, mAccept, mTrack, mTrackSteps, tidx)
+        ring_d, ring_d_low, ring_k, ring_k_low, ring_g = rings
+        slot, row, held, base, flushing, track_slot, track_len, bad = plan
+        lane, rows = self.thread_rows(tidx, tile)
+        group = tidx // LANES_PER_ROW
+        h = hv // (self.HV // self.H)
+        R = self.rows_per_thread
         if slot >= Int64(0) and not bad and (flushing or track_len >= 0):
             gS = pool[slot, hv, None, None]
             state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
@@ -450,6 +434,31 @@ class ReplaySSMSpecFold(ReplaySSMSpecVerify):
                     self.store_rows(state, pool[track_slot, hv, None, None], lane, rows)
             if flushing:
                 self.store_rows(state, gS, lane, rows)
+
+
+    @cute.jit
+    def fold_request(self, mPool, mIdx, mFlag, mRingD, mRingDLow, mRingK, mRingKLow, mRingG,
+                     mRows, mWritePos, mBase, mIsFlush, mAccept, mTrack, mTrackSteps, tidx):
+        """The fold's prologue: this CTA's (tile, head), its layer's checkpoints and rings (d,
+        d_low, k, k_low, g), and after the wait for the previous kernel, its request's
+        `fold_plan`; a bad request sets the error flag (once, from its first CTA)."""
+        bid, _, _ = cute.arch.block_idx()
+        B = mIdx.shape[0]
+        tile, hv = bid % self.tiles, (bid // self.tiles) % self.HV
+        n = (bid // (self.tiles * self.HV)) % B
+        layer = bid // (self.tiles * self.HV * B)
+        pool = mPool[layer, None, None, None, None]
+        rings = tuple(ring[layer, None, None, None, None]
+                      for ring in (mRingD, mRingDLow, mRingK, mRingKLow)) + (
+            mRingG[layer, None, None, None],)
+        if const_expr(self.use_pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+        plan = fold_plan(self.track, self.L, Int64(pool.shape[0]), Int64(rings[0].shape[0]),
+                         mIdx, mRows, mWritePos, mBase, mIsFlush, mAccept, mTrack, mTrackSteps, n)
+        if plan[-1] and tidx == 0 and hv == 0 and tile == 0 and layer == 0:
+            mFlag[0] = Int32(1)
+        return tile, hv, pool, rings, plan
 
 
 class ReplaySSMSpecFinish:

@@ -43,7 +43,7 @@ from .decode_mma import (DOTS_STRIDE, MAX_TOKENS, MMA_ROWS, VECTOR_STRIDE, VECTO
 from .decode import BETA, DECAY
 from .heuristics import MMA_LANES_PER_ROW
 from .replayssm_decode import record_weights
-from .replayssm_spec import ReplaySSMSpecFold, ReplaySSMSpecVerify, fold_plan
+from .replayssm_spec import ReplaySSMSpecFold, ReplaySSMSpecVerify
 
 # Places of the ring one MMA's K dimension takes.
 RECORD_BLOCK = 16
@@ -386,38 +386,22 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
                mWritePos: cute.Tensor, mBase: cute.Tensor, mIsFlush: cute.Tensor,
                mAccept: cute.Tensor, mTrack: cute.Tensor, mTrackSteps: cute.Tensor):
         tidx, _, _ = cute.arch.thread_idx()
-        bid, _, _ = cute.arch.block_idx()
-        B = mIdx.shape[0]
-        tile, hv = bid % self.tiles, (bid // self.tiles) % self.HV
-        n = (bid // (self.tiles * self.HV)) % B
-        layer = bid // (self.tiles * self.HV * B)
+        smem = cutlass.utils.SmemAllocator()
+        sKeys = smem.allocate_tensor(Int32, self.key_words_layout(), byte_alignment=16)
+        tile, hv, pool, rings, plan = self.fold_request(
+            mPool, mIdx, mFlag, mRingD, mRingDLow, mRingK, mRingKLow, mRingG, mRows, mWritePos,
+            mBase, mIsFlush, mAccept, mTrack, mTrackSteps, tidx)
+        ring_d, ring_d_low, ring_k, ring_k_low, ring_g = rings
+        slot, row, held, base, flushing, track_slot, track_len, bad = plan
         lane, rows = self.thread_rows(tidx, tile)
         h = hv // (self.HV // self.H)
         warp_lane = tidx % 32
-        pool = mPool[layer, None, None, None, None]
-        ring_d = mRingD[layer, None, None, None, None]
-        ring_d_low = mRingDLow[layer, None, None, None, None]
-        ring_g = mRingG[layer, None, None, None]
-
-        smem = cutlass.utils.SmemAllocator()
-        sKeys = smem.allocate_tensor(Int32, self.key_words_layout(), byte_alignment=16)
-
-        if const_expr(self.use_pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
-        slot, row, held, base, flushing, track_slot, track_len, bad = fold_plan(
-            self.track, self.L, Int64(pool.shape[0]), Int64(ring_d.shape[0]), mIdx, mRows,
-            mWritePos, mBase, mIsFlush, mAccept, mTrack, mTrackSteps, n)
-        if bad and tidx == 0 and hv == 0 and tile == 0 and layer == 0:
-            mFlag[0] = Int32(1)
         if slot >= Int64(0) and not bad and (flushing or track_len >= 0):
             gS = pool[slot, hv, None, None]
             raw = load_groups(gS, lane, rows)
             d = self.load_fold_records(ring_d, ring_d_low, row, hv, lane, rows, held, base)
             log_decay = self.load_log_decay(ring_g, row, hv, warp_lane, held, base)
-            self.stage_key_words(mRingK[layer, None, None, None, None],
-                                 mRingKLow[layer, None, None, None, None], sKeys, row, h, tidx,
-                                 held, base)
+            self.stage_key_words(ring_k, ring_k_low, sKeys, row, h, tidx, held, base)
             cute.arch.barrier()
             if track_len >= 0:
                 # The snapshot's weights: the same scan over its first track_len records.
