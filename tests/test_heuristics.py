@@ -133,15 +133,35 @@ def test_the_spec_ring_takes_64_row_tiles_on_bf16_checkpoints_32_on_fp32_8_when_
     assert choose_spec_tile(4, 4, 128, 2) == choose_spec_tile(4, 4, 128, 4) == TINY
 
 
-def test_the_spec_ring_keeps_the_cuda_core_tiles_until_its_tensor_core_forms_are_measured():
+def test_the_spec_verify_and_fold_take_64_row_tensor_core_tiles_past_the_small_grids():
+    from gdn_backend.kernels.heuristics import (SPEC_MMA, TINY, choose_spec_fold_tile,
+                                                choose_spec_verify_tile)
+
+    for batch, heads in ((256, 32), (16, 32), (16, 4), (64, 4)):
+        for state_bytes in (2, 4):
+            assert choose_spec_fold_tile(batch, heads, 128, 128, state_bytes, True) == SPEC_MMA
+            for tokens in (1, 2, 3, 4):
+                assert choose_spec_verify_tile(batch, heads, 128, 128, state_bytes, tokens,
+                                               True) == SPEC_MMA
+    assert choose_spec_verify_tile(4, 4, 128, 128, 4, 4, True) == TINY
+    assert choose_spec_fold_tile(4, 4, 128, 128, 4, True) == TINY
+
+
+@pytest.mark.parametrize("head_k_dim, head_v_dim, bf16_records, tokens", [
+    (64, 128, True, 4),     # the MMA kernels' K is 128
+    (128, 128, False, 4),   # fp16 records are not bf16 MMA operands
+    (128, 96, True, 4),     # V not in 64-row tiles
+    (128, 128, True, 8),    # windows past four tokens
+])
+def test_the_spec_ring_keeps_cuda_cores_where_its_tensor_core_forms_do_not_serve(
+        head_k_dim, head_v_dim, bf16_records, tokens):
     from gdn_backend.kernels.heuristics import (choose_spec_fold_tile, choose_spec_tile,
                                                 choose_spec_verify_tile)
 
-    for batch, heads in ((256, 32), (16, 4), (4, 4)):
-        for state_bytes in (2, 4):
-            cuda_cores = choose_spec_tile(batch, heads, 128, state_bytes)
-            assert not cuda_cores.tensor_cores
-            assert choose_spec_fold_tile(batch, heads, 128, state_bytes) == cuda_cores
-            for tokens in (2, 4, 8):
-                assert choose_spec_verify_tile(batch, heads, 128, state_bytes,
-                                               tokens) == cuda_cores
+    for state_bytes in (2, 4):
+        cuda_cores = choose_spec_tile(256, 32, head_v_dim, state_bytes)
+        assert choose_spec_verify_tile(256, 32, head_k_dim, head_v_dim, state_bytes, tokens,
+                                       bf16_records) == cuda_cores
+        if tokens <= 4:
+            assert choose_spec_fold_tile(256, 32, head_k_dim, head_v_dim, state_bytes,
+                                         bf16_records) == cuda_cores

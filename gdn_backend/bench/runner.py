@@ -154,7 +154,7 @@ def format_row(r: dict, peers=PEERS) -> str:
     tiles = "".join(f" | {name} {us / r['copy_us']:5.2f}x" for name, us in r.get("tile_us", {}).items())
     tiles += "".join(f" | {key.removesuffix('_us')} {r[key] / r['copy_us']:5.2f}x"
                      for key in ("own_copy_us", "classic_us", "sglang_classic_us",
-                                 "spec_verify_us", "baseline_us") if key in r)
+                                 "spec_verify_us", "sglang_verify_us", "baseline_us") if key in r)
     return (f"{r.get('mode', 'decode'):6} {r['shape']:5} {r['pool']:4} {r['T']:>1} {r['B']:>4} | "
             f"{r['ours_us']:8.2f} {r['copy_us']:8.2f} {r['ratio']:5.2f}x {r['tbps']:5.2f} "
             f"{r['pct_ceiling']:5.1f}{''.join(peer(key) for key in peers)}{tiles}")

@@ -116,8 +116,8 @@ class SpecCell:
                             s["ring_d_low"], s["ring_k_low"], self.indices[i], self.rows[i],
                             s["write_pos"], s["cache_base"], s["is_flush"], self.accept)
 
-    def sglang(self, i: int) -> None:
-        """SGLang's step on slot set i, as its GDNAttnBackend and commit run it."""
+    def sglang_verify(self, i: int) -> None:
+        """SGLang's verify on slot set i (its GDNAttnBackend's launch)."""
         kernels = importlib.import_module(SPEC_RING)
         s = self.theirs
         kernels.gdn_replayssm_spec_decode(
@@ -129,6 +129,12 @@ class SpecCell:
             replay_indices=self.rows[i], write_pos=s["write_pos"], cache_base=s["cache_base"],
             is_flush=s["is_flush"], max_cache_len=RING, max_spec_len=self.T, scale=K ** -0.5,
             use_qk_l2norm_in_kernel=True, null_block_id=-1, launch_mode="verify")
+
+    def sglang(self, i: int) -> None:
+        """SGLang's step on slot set i, as its GDNAttnBackend and commit run it."""
+        kernels = importlib.import_module(SPEC_RING)
+        s = self.theirs
+        self.sglang_verify(i)
         self.advance(s, i)
         kernels.commit_gdn_replayssm_circular(
             checkpoint_state=s["checkpoint"], d_cache=s["ring_d"], k_cache=s["ring_k"],
@@ -153,6 +159,7 @@ def time_cell(cell: SpecCell, replays: int, tiles=()) -> dict:
                spec_verify_us=time_graph(cell.verify, cell.sets, replays),
                baseline_us=verify_us + commit_copy, goal=ours / (verify_us + commit_copy))
     row["sglang_us"] = time_graph(cell.sglang, cell.sets, replays)
+    row["sglang_verify_us"] = time_graph(cell.sglang_verify, cell.sets, replays)
     for tile in tiles:  # the verify and the fold at each tile, steps otherwise the same
         with forced_tile(tile):
             name = tile_name(tile)

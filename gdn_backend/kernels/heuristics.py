@@ -152,31 +152,53 @@ def spec_tiles_for(num_v_heads: int, head_v_dim: int, state_bytes: int) -> tuple
                                for b in range(1, 4097)))
 
 
-def choose_spec_verify_tile(batch: int, num_v_heads: int, head_v_dim: int, state_bytes: int,
-                            tokens: int) -> Tile:
-    """The spec verify's tile. Its tensor-core form (replayssm_spec_mma.py: windows of up to 4
-    tokens, SPEC_MMA and SPEC_MMA_SMALL) compiles for every window without spills but has not
-    yet run on a GPU, so the dispatch keeps `choose_spec_tile`'s CUDA-core tiles until it has
-    been checked and measured; the GPU tests and `--tiles 64x2tc` force it."""
+def spec_tensor_cores(head_k_dim: int, head_v_dim: int, bf16_records: bool,
+                      tokens: int = 1) -> bool:
+    """Whether the spec ring's tensor-core kernels (replayssm_spec_mma.py) take a call: K = 128,
+    bf16 records (they are the MMAs' operands as stored), V in 64-row tiles and, for the
+    verify, a window of at most four tokens."""
+    return (head_k_dim == 128 and bf16_records and tokens in MMA_TOKENS
+            and head_v_dim % SPEC_MMA.rows_per_cta == 0)
+
+
+def choose_spec_verify_tile(batch: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
+                            state_bytes: int, tokens: int, bf16_records: bool) -> Tile:
+    """The spec verify's tile. Its tensor-core form in 64-row CTAs wherever it serves, from the
+    H200 sweep (docs/perf_log.md v14: TP1 and TP8, B = 16-256, both checkpoint dtypes): the
+    verify alone 0.36-0.71 of its time on the best CUDA-core tile, and best or within 1.1 µs
+    of the best tensor-core tile in every cell. Batches that leave SMs idle keep 8-row tiles (the
+    tensor-core form was not measured there); other calls `choose_spec_tile`'s."""
+    heads = batch * num_v_heads
+    if (not latency_bound(heads, head_v_dim)
+            and spec_tensor_cores(head_k_dim, head_v_dim, bf16_records, tokens)):
+        return SPEC_MMA
     return choose_spec_tile(batch, num_v_heads, head_v_dim, state_bytes)
 
 
-def choose_spec_fold_tile(batch_layers: int, num_v_heads: int, head_v_dim: int,
-                          state_bytes: int) -> Tile:
-    """The fold's tile, for batch x layers requests: `choose_spec_tile`'s, CUDA cores; its
-    tensor-core form (replayssm_spec_mma.py) waits for its first GPU run, as the verify's."""
+def choose_spec_fold_tile(batch_layers: int, num_v_heads: int, head_k_dim: int,
+                          head_v_dim: int, state_bytes: int, bf16_records: bool) -> Tile:
+    """The fold's tile, for batch x layers requests: the tensor-core fold in 64-row CTAs where
+    it serves (same sweep, the step less the verify: 0.78-0.93 of the CUDA-core fold's time at
+    B = 64-256 on TP1; on TP8 and at B = 16 within 0.6 µs of it or faster), else
+    `choose_spec_tile`'s."""
+    if (not latency_bound(batch_layers * num_v_heads, head_v_dim)
+            and spec_tensor_cores(head_k_dim, head_v_dim, bf16_records)):
+        return SPEC_MMA
     return choose_spec_tile(batch_layers, num_v_heads, head_v_dim, state_bytes)
 
 
-def spec_fold_tiles_for(num_v_heads: int, head_v_dim: int, state_bytes: int) -> tuple[Tile, ...]:
+def spec_fold_tiles_for(num_v_heads: int, head_k_dim: int, head_v_dim: int, state_bytes: int,
+                        bf16_records: bool) -> tuple[Tile, ...]:
     """Every tile `choose_spec_fold_tile` can return for some batch of some layers."""
-    return tuple(dict.fromkeys(choose_spec_fold_tile(b, num_v_heads, head_v_dim, state_bytes)
+    return tuple(dict.fromkeys(choose_spec_fold_tile(b, num_v_heads, head_k_dim, head_v_dim,
+                                                     state_bytes, bf16_records)
                                for b in range(1, 4097)))
 
 
-def spec_verify_tiles_for(num_v_heads: int, head_v_dim: int, state_bytes: int,
-                          tokens: int) -> tuple[Tile, ...]:
+def spec_verify_tiles_for(num_v_heads: int, head_k_dim: int, head_v_dim: int, state_bytes: int,
+                          tokens: int, bf16_records: bool) -> tuple[Tile, ...]:
     """Every tile `choose_spec_verify_tile` can return for some batch size."""
     return tuple(dict.fromkeys(
-        choose_spec_verify_tile(b, num_v_heads, head_v_dim, state_bytes, tokens)
+        choose_spec_verify_tile(b, num_v_heads, head_k_dim, head_v_dim, state_bytes, tokens,
+                                bf16_records)
         for b in range(1, 4097)))

@@ -97,10 +97,12 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
     if base.spec == "finish":
         return [base]
     if base.spec == "verify":
-        tiles = spec_verify_tiles_for(base.num_v_heads, base.head_v_dim,
-                                      base.state_dtype.itemsize, base.tokens)
+        tiles = spec_verify_tiles_for(base.num_v_heads, base.head_k_dim, base.head_v_dim,
+                                      base.state_dtype.itemsize, base.tokens,
+                                      base.ring_dtype == torch.bfloat16)
     elif base.spec == "fold":
-        tiles = spec_fold_tiles_for(base.num_v_heads, base.head_v_dim, base.state_dtype.itemsize)
+        tiles = spec_fold_tiles_for(base.num_v_heads, base.head_k_dim, base.head_v_dim,
+                                    base.state_dtype.itemsize, base.ring_dtype == torch.bfloat16)
     elif base.ring_len:
         tiles = ring_tiles_for(base.num_v_heads, base.head_v_dim)
     else:
@@ -147,8 +149,9 @@ def _spec_rings_vectorized(rings) -> bool:
 def spec_verify_config(vc: SpecVerifyCall) -> _compile.KernelConfig:
     """The spec ring's verify, at the spec tile."""
     p, rings = vc.call.problem, vc.rings
-    tile = choose_spec_verify_tile(p.batch, p.num_v_heads, p.head_v_dim,
-                                   vc.call.state_pool.element_size(), p.tokens)
+    tile = choose_spec_verify_tile(p.batch, p.num_v_heads, p.head_k_dim, p.head_v_dim,
+                                   vc.call.state_pool.element_size(), p.tokens,
+                                   rings.ring_d.dtype == torch.bfloat16)
     return replace(config_for(vc.call), rows_per_cta=tile.rows_per_cta,
                    rows_per_thread=tile.rows_per_thread, tensor_cores=tile.tensor_cores,
                    ring_len=rings.ring_len, ring_dtype=rings.ring_d.dtype, spec="verify",
@@ -172,7 +175,8 @@ def spec_fold_configs(fc: SpecFoldCall) -> tuple[_compile.KernelConfig, _compile
     """The commit's fold and its cursor reset."""
     layers, P, HV, V, K = fc.checkpoint.shape
     rings = fc.rings
-    tile = choose_spec_fold_tile(fc.batch * layers, HV, V, fc.checkpoint.element_size())
+    tile = choose_spec_fold_tile(fc.batch * layers, HV, K, V, fc.checkpoint.element_size(),
+                                 rings.ring_d.dtype == torch.bfloat16)
     vec = 16 // fc.checkpoint.element_size()
     fold = _compile.KernelConfig(
         num_heads=fc.num_heads, num_v_heads=HV, head_k_dim=K, head_v_dim=V, tokens=1,
