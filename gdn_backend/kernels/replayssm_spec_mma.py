@@ -397,6 +397,11 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
         h = hv // (self.HV // self.H)
         warp_lane = tidx % 32
         if slot >= Int64(0) and not bad and (flushing or track_len >= 0):
+            if const_expr(self.prefetch_state):
+                # The compiler issues the rows' loads after the key staging's stores, which
+                # wait for the keys: from L2, that second trip is short.
+                if tidx == 0:
+                    self.prefetch_l2(pool, slot, hv, tile, Int32(0))
             gS = pool[slot, hv, None, None]
             raw = load_groups(gS, lane, rows)
             d = self.load_fold_records(ring_d, ring_d_low, row, hv, lane, rows, held, base)
@@ -416,16 +421,21 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
     @cute.jit
     def load_fold_records(self, ring_d, ring_d_low, row, hv, lane, rows, held, base):
         """d of lane c's records 4q + c (high + low) at its rows: (record_blocks, rows), zero
-        from W on."""
-        d = cute.make_rmem_tensor((self.record_blocks, len(rows)), Float32)
-        d.fill(0.0)
-        for q in cutlass.range_constexpr(self.record_blocks):
-            c = 4 * q + lane
-            if c < held:
+        from W on. Each load is predicated on its own and the parts are summed only once all
+        are issued, so their DRAM latencies overlap instead of following one another."""
+        parts = [cute.make_rmem_tensor((self.record_blocks, len(rows)), ring_d.element_type)
+                 for _ in range(2)]
+        d_rows = (ring_d[row, hv, None, None], ring_d_low[row, hv, None, None])
+        for part in cutlass.range_constexpr(2):
+            parts[part].fill(0.0)
+            for q in cutlass.range_constexpr(self.record_blocks):
+                c = 4 * q + lane
                 p = (base + c) & (self.L - 1)
                 for r in cutlass.range_constexpr(len(rows)):
-                    d[q, r] = Float32(ring_d[row, hv, p, rows[r]]) + Float32(
-                        ring_d_low[row, hv, p, rows[r]])
+                    if c < held:
+                        parts[part][q, r] = d_rows[part][p, rows[r]]
+        d = cute.make_rmem_tensor((self.record_blocks, len(rows)), Float32)
+        d.store(parts[0].load().to(Float32) + parts[1].load().to(Float32))
         return d
 
     @cute.jit
