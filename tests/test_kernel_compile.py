@@ -104,8 +104,7 @@ def test_the_fold_writes_states_in_16_byte_vectors(ptx_dir, name):
 def test_the_tensor_core_verify_runs_its_products_on_mma_and_reads_its_rows_whole(ptx_dir, name):
     """Every product of the tensor-core spec verify is an mma.sync, none in a loop: the
     records' key products (K split over the warps), S0 x (an fp32 checkpoint's high and low
-    parts), the Gram matrix and the records' d; and the checkpoint rows are 16-byte loads
-    where the pool allows them."""
+    parts), the Gram matrix and the records' d; and the checkpoint rows are read whole."""
     cfg = VARIANTS[name]
     ptx = (ptx_dir / f"{name}.ptx").read_text()
     R, K = cfg.rows_per_thread, cfg.head_k_dim
@@ -114,8 +113,25 @@ def test_the_tensor_core_verify_runs_its_products_on_mma_and_reads_its_rows_whol
     products = (record_blocks * 2 * (k_blocks // warps) * 2 + k_blocks * (R * parts + 2)
                 + R * record_blocks * 2)
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == products
-    row_loads = R * K // (4 * 16 // cfg.state_dtype.itemsize) if cfg.state_vectorized else 0
-    assert ptx.count("ld.global.v4.b32") == row_loads
+    assert_rows_read_whole(cfg, ptx)
+
+
+@pytest.mark.parametrize("name", [n for n in FOLDS if VARIANTS[n].tensor_cores])
+def test_the_tensor_core_fold_reads_its_rows_whole(ptx_dir, name):
+    cfg = VARIANTS[name]
+    assert_rows_read_whole(cfg, (ptx_dir / f"{name}.ptx").read_text())
+
+
+def assert_rows_read_whole(cfg, ptx: str) -> None:
+    """Where the pool is 16-byte aligned, the CTA's checkpoint rows are read 16 bytes at a
+    time: bf16 ones staged into shared memory by cp.async, fp32 ones loaded into registers."""
+    threads = cfg.rows_per_cta // cfg.rows_per_thread * 4
+    vectors = cfg.rows_per_cta * cfg.head_k_dim * cfg.state_dtype.itemsize // 16 // threads
+    staged = cfg.state_dtype == torch.bfloat16
+    if not cfg.state_vectorized:
+        vectors = 0
+    assert ptx.count("cp.async.cg.shared.global") == (vectors if staged else 0)
+    assert ptx.count("ld.global.v4.b32") == (0 if staged else vectors)
 
 
 @pytest.mark.parametrize("name", [n for n in FOLDS if VARIANTS[n].tensor_cores])

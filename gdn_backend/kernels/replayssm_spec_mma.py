@@ -36,6 +36,7 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import BFloat16, Float32, Int32, Int64, const_expr
+from cutlass.cute.nvgpu import cpasync
 
 from .decode_mma import (DOTS_STRIDE, MAX_TOKENS, MMA_ROWS, VECTOR_STRIDE, VECTORS, bf16_pair,
                          bf16_residual, mma_bf16, pair_products, quad_rows, row_window,
@@ -48,6 +49,16 @@ from .replayssm_spec import ReplaySSMSpecFold, ReplaySSMSpecVerify
 # Places of the ring one MMA's K dimension takes.
 RECORD_BLOCK = 16
 GROUP = 8  # columns of a row a lane holds together
+# Whether a CTA's checkpoint rows go to shared memory by cp.async (else each thread loads its
+# groups into registers), by state dtype size. Measured on the H200 (docs/perf_log.md v14):
+# staged, the bf16 verify at TP1 B = 256 took 138 µs against 157 (72 registers, not 96) and
+# the fold tied; on fp32 checkpoints both lost 5-11 µs, so those keep their rows in registers.
+STAGED_ROWS = {2: True, 4: False}
+# Staged rows: the pad after each row in shared memory, in bytes, by state dtype size. A
+# quarter warp's 16-byte reads take two rows (quads g, g + 1); the pad puts the second row's
+# on the other half of the banks (a bf16 lane reads 16 bytes of a row at 64-byte quad
+# strides, an fp32 one two 16-byte halves at 32).
+ROW_PAD_BYTES = {2: 64, 4: 16}
 
 
 def split_words(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
@@ -56,6 +67,58 @@ def split_words(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
     low = (bf16_pair(bf16_residual(x0), bf16_residual(x1)),
            bf16_pair(bf16_residual(x2), bf16_residual(x3)))
     return high, low
+
+
+def staged_row_stride(kernel) -> int:
+    """Elements from one staged checkpoint row to the next in shared memory (row and pad)."""
+    state_bytes = 16 // kernel.vec
+    return kernel.K + ROW_PAD_BYTES[state_bytes] // state_bytes
+
+
+def stages_rows(kernel) -> bool:
+    return STAGED_ROWS[16 // kernel.vec]
+
+
+def staged_rows_bytes(kernel) -> int:
+    """Shared memory the staged rows take (none where rows stay in registers)."""
+    if not stages_rows(kernel):
+        return 0
+    return kernel.rows_per_cta * staged_row_stride(kernel) * (16 // kernel.vec)
+
+
+def allocate_staged_rows(kernel, smem, dtype):
+    """The CTA's checkpoint rows in shared memory: [rows_per_cta, K], each row padded; None
+    where rows stay in registers."""
+    if not stages_rows(kernel):
+        return None
+    return smem.allocate_tensor(dtype, cute.make_layout(
+        (kernel.rows_per_cta, kernel.K), stride=(staged_row_stride(kernel), 1)),
+        byte_alignment=16)
+
+
+@cute.jit
+def load_rows(kernel, gS: cute.Tensor, sState, tile, tidx: Int32, lane: Int32, rows):
+    """Start reading the CTA's checkpoint rows: staged (returns None; wait with
+    `wait_for_rows` and a barrier), or this thread's groups into registers (returns them)."""
+    if const_expr(stages_rows(kernel)):
+        stage_rows(kernel, gS, sState, tile, tidx)
+        return None
+    return load_groups(gS, lane, rows)
+
+
+@cute.jit
+def wait_for_rows(kernel):
+    if const_expr(stages_rows(kernel)):
+        cute.arch.cp_async_wait_group(0)
+
+
+@cute.jit
+def row_groups(held, sState, local, j: int, lane: Int32) -> cute.Tensor:
+    """Lane c's 8-column group 4j + c of each of its rows, (8, rows): from the registers
+    `load_rows` returned, or from the staged tile (at rows `local`)."""
+    if const_expr(held is None):
+        return staged_groups(sState, local, j, lane)
+    return held[None, j, None]
 
 
 @cute.jit
@@ -68,6 +131,38 @@ def load_groups(gS: cute.Tensor, lane: Int32, rows) -> cute.Tensor:
         for j in cutlass.range_constexpr(groups):
             cute.autovec_copy(cute.local_tile(gS[rows[r], None], (GROUP,),
                                               (j * MMA_LANES_PER_ROW + lane,)), raw[None, j, r])
+    return raw
+
+
+@cute.jit
+def stage_rows(kernel, gS: cute.Tensor, sState: cute.Tensor, tile, tidx: Int32):
+    """The CTA's checkpoint rows ([V, K] state gS) into shared memory, 16 bytes a thread at a
+    time. On a 16-byte aligned pool by cp.async: issued first, they are in flight while the
+    records and keys load and hold no registers meanwhile (loaded into registers, the compiler
+    issued them after the keys' staging, and they held 32 registers a thread)."""
+    chunks = kernel.K // kernel.vec
+    atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
+                               gS.element_type, num_bits_per_copy=128)
+    for i in cutlass.range_constexpr(kernel.rows_per_cta * chunks // kernel.threads):
+        task = tidx + kernel.threads * i
+        r, chunk = task // chunks, task % chunks
+        src = cute.local_tile(gS[tile * kernel.rows_per_cta + r, None], (kernel.vec,), (chunk,))
+        dst = cute.local_tile(sState[r, None], (kernel.vec,), (chunk,))
+        if const_expr(kernel.prefetch_state):
+            cute.copy(atom, src, dst)
+        else:
+            cute.autovec_copy(src, dst)
+    cute.arch.cp_async_commit_group()
+
+
+@cute.jit
+def staged_groups(sState: cute.Tensor, local, j: int, lane: Int32) -> cute.Tensor:
+    """Lane c's 8-column group 4j + c of each of its rows (at rows `local` of the staged
+    tile): (8, rows), in decode_mma.py's column order."""
+    raw = cute.make_rmem_tensor((GROUP, len(local)), sState.element_type)
+    for r in cutlass.range_constexpr(len(local)):
+        cute.autovec_copy(cute.local_tile(sState[local[r], None], (GROUP,),
+                                          (j * MMA_LANES_PER_ROW + lane,)), raw[None, r])
     return raw
 
 
@@ -95,7 +190,7 @@ class ReplaySSMSpecVerifyMMA(ReplaySSMSpecVerify):
     def smem_bytes(self) -> int:
         words = (VECTORS * VECTOR_STRIDE + self.warps * self.rows_per_thread * 8 * DOTS_STRIDE
                  + self.warps * 32 * 4 * self.record_blocks + 3 * self.T)
-        return words * 4 + 64
+        return words * 4 + staged_rows_bytes(self) + 64
 
     def allocate_units(self, smem):
         """sVec[:, q, n]: columns 4q..4q+3 of vector n as MMA words (decode_mma.py).
@@ -137,6 +232,7 @@ class ReplaySSMSpecVerifyMMA(ReplaySSMSpecVerify):
 
         smem = cutlass.utils.SmemAllocator()
         units = self.allocate_units(smem)
+        sState = allocate_staged_rows(self, smem, mPool.element_type)
         sGate = smem.allocate_tensor(Float32, cute.make_layout((3, T), stride=(T, 1)),
                                      byte_alignment=16)
 
@@ -144,16 +240,19 @@ class ReplaySSMSpecVerifyMMA(ReplaySSMSpecVerify):
             mQ, mPool, mIdx, mFlag, mRingD, mRows, mWritePos, mBase, mIsFlush, mCuSeqlens, bid,
             n, hv, tile, tidx, min_valid_slot)
         if valid:  # uniform over the CTA, so the barriers are safe
-            raw = load_groups(mPool[slot, hv, None, None], lane, rows)
+            held_rows = load_rows(self, mPool[slot, hv, None, None], sState, tile, tidx, lane,
+                                  rows)
             v_in = self.load_v(mV, req, hv, rows)
             records = self.load_record_words(mRingD, mRingDLow, row, hv, lane, rows, held, base)
             log_decay = self.load_log_decay(mRingG, row, hv, warp_lane, held, base)
             keys = self.load_key_words(mRingK, mRingKLow, row, h, warp, warp_lane, held, base)
             self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, req, h, hv, warp,
                               warp_lane, scale)
+            wait_for_rows(self)
             cute.arch.barrier()
             self.key_products(units, keys, warp, warp_lane)
-            dots, own_gram = self.projections(units, raw, warp_lane)
+            local = [r - tile * self.rows_per_cta for r in rows]
+            dots, own_gram = self.projections(units, held_rows, sState, local, lane, warp_lane)
             weight, total = record_weights(log_decay, warp_lane, held)
             cute.arch.barrier()
             a_records = self.record_fragments(units, weight, warp_lane)
@@ -249,22 +348,24 @@ class ReplaySSMSpecVerifyMMA(ReplaySSMSpecVerify):
                     sKeys[2 * nt + e, warp_lane, b, warp] = acc[e] + acc[e + 2]
 
     @cute.jit
-    def projections(self, units, raw, warp_lane):
-        """Step 1 for each row block, and the vectors' Gram matrix (decode_mma.py)."""
+    def projections(self, units, held_rows, sState, local, lane, warp_lane):
+        """Step 1 for each row block (its rows as `row_groups` reads them), and the vectors'
+        Gram matrix (decode_mma.py)."""
         sVec = units[0]
         R = self.rows_per_thread
         dots = [[Float32(0.0)] * 4 for _ in range(R)]
         gram = [[Float32(0.0)] * 4 for _ in range(2)]
-        state = cute.recast_tensor(raw, Int32) if const_expr(raw.element_type == BFloat16) \
-            else raw
         for kb in cutlass.range_constexpr(self.k_blocks):
             j, i = kb // 2, kb % 2
+            if const_expr(i == 0):
+                raw = row_groups(held_rows, sState, local, j, lane)
             a = self.vector_fragment(sVec, kb, warp_lane)
             for r in cutlass.range_constexpr(R):
                 if const_expr(raw.element_type == BFloat16):
-                    dots[r] = mma_bf16(a, (state[2 * i, j, r], state[2 * i + 1, j, r]), dots[r])
+                    state = cute.recast_tensor(raw, Int32)
+                    dots[r] = mma_bf16(a, (state[2 * i, r], state[2 * i + 1, r]), dots[r])
                 else:
-                    high, low = split_words(*[Float32(raw[4 * i + e, j, r]) for e in range(4)])
+                    high, low = split_words(*[Float32(raw[4 * i + e, r]) for e in range(4)])
                     dots[r] = mma_bf16(a, high, dots[r])
                     dots[r] = mma_bf16(a, low, dots[r])
             for part in cutlass.range_constexpr(2):
@@ -377,7 +478,7 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
                                 stride=(1, 4, 32, 32 * groups))
 
     def smem_bytes(self) -> int:
-        return 4 * self.record_blocks * self.K * 4 + 64
+        return 4 * self.record_blocks * self.K * 4 + staged_rows_bytes(self) + 64
 
     @cute.kernel
     def kernel(self, mPool: cute.Tensor, mIdx: cute.Tensor, mFlag: cute.Tensor,
@@ -388,6 +489,7 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
         tidx, _, _ = cute.arch.thread_idx()
         smem = cutlass.utils.SmemAllocator()
         sKeys = smem.allocate_tensor(Int32, self.key_words_layout(), byte_alignment=16)
+        sState = allocate_staged_rows(self, smem, mPool.element_type)
         tile, hv, pool, rings, plan = self.fold_request(
             mPool, mIdx, mFlag, mRingD, mRingDLow, mRingK, mRingKLow, mRingG, mRows, mWritePos,
             mBase, mIsFlush, mAccept, mTrack, mTrackSteps, tidx)
@@ -397,26 +499,29 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
         h = hv // (self.HV // self.H)
         warp_lane = tidx % 32
         if slot >= Int64(0) and not bad and (flushing or track_len >= 0):
-            if const_expr(self.prefetch_state):
-                # The compiler issues the rows' loads after the key staging's stores, which
+            if const_expr(self.prefetch_state and not stages_rows(self)):
+                # Rows read into registers are issued after the key staging's stores, which
                 # wait for the keys: from L2, that second trip is short.
                 if tidx == 0:
                     self.prefetch_l2(pool, slot, hv, tile, Int32(0))
             gS = pool[slot, hv, None, None]
-            raw = load_groups(gS, lane, rows)
+            held_rows = load_rows(self, gS, sState, tile, tidx, lane, rows)
             d = self.load_fold_records(ring_d, ring_d_low, row, hv, lane, rows, held, base)
             log_decay = self.load_log_decay(ring_g, row, hv, warp_lane, held, base)
             self.stage_key_words(ring_k, ring_k_low, sKeys, row, h, tidx, held, base)
+            wait_for_rows(self)
             cute.arch.barrier()
+            local = [r - tile * self.rows_per_cta for r in rows]
             if track_len >= 0:
                 # The snapshot's weights: the same scan over its first track_len records.
                 first = Float32(cutlass.select_(warp_lane < track_len, log_decay, Float32(0.0)))
                 weight, total = record_weights(first, warp_lane, track_len)
-                self.store_update(raw, d, weight, total, sKeys, pool[track_slot, hv, None, None],
-                                  lane, warp_lane, rows)
+                self.store_update(held_rows, sState, local, d, weight, total, sKeys,
+                                  pool[track_slot, hv, None, None], lane, warp_lane, rows)
             if flushing:
                 weight, total = record_weights(log_decay, warp_lane, held)
-                self.store_update(raw, d, weight, total, sKeys, gS, lane, warp_lane, rows)
+                self.store_update(held_rows, sState, local, d, weight, total, sKeys, gS, lane,
+                                  warp_lane, rows)
 
     @cute.jit
     def load_fold_records(self, ring_d, ring_d_low, row, hv, lane, rows, held, base):
@@ -466,8 +571,10 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
                         cute.recast_tensor(pair, Int32)[0]
 
     @cute.jit
-    def store_update(self, raw, d, weight, total, sKeys, dst, lane, warp_lane, rows):
-        """e^Γ S0 + Σ_c λ_c d_c κ_cᵀ on this thread's rows, to dst ([V, K])."""
+    def store_update(self, held_rows, sState, local, d, weight, total, sKeys, dst, lane,
+                     warp_lane, rows):
+        """e^Γ S0 + Σ_c λ_c d_c κ_cᵀ on this thread's rows (S0 as `row_groups` reads it), to
+        dst ([V, K])."""
         R = self.rows_per_thread
         g = warp_lane // 4
         decay = Float32(cute.math.exp(total))
@@ -490,6 +597,7 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
                 words = cute.make_rmem_tensor((4,), Int32)
                 cute.autovec_copy(sKeys[None, g, j, 4 * q + lane], words)
                 keys.append(words)
+            raw = row_groups(held_rows, sState, local, j, lane)
             new = cute.make_rmem_tensor((GROUP, R), Float32)
             for b in cutlass.range_constexpr(4):
                 for m in cutlass.range_constexpr(R // 2):
@@ -499,7 +607,7 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
                     for i in cutlass.range_constexpr(2):
                         for e in cutlass.range_constexpr(2):
                             x = 2 * b + e
-                            new[x, 2 * m + i] = decay * Float32(raw[x, j, 2 * m + i]) + acc[2 * i + e]
+                            new[x, 2 * m + i] = decay * Float32(raw[x, 2 * m + i]) + acc[2 * i + e]
             out = cute.make_rmem_tensor((GROUP, R), dst.element_type)
             out.store(new.load().to(dst.element_type))
             for r in cutlass.range_constexpr(R):
