@@ -55,9 +55,9 @@ GROUP = 8  # columns of a row a lane holds together
 # the fold tied; on fp32 checkpoints both lost 5-11 µs, so those keep their rows in registers.
 STAGED_ROWS = {2: True, 4: False}
 # Staged rows: the pad after each row in shared memory, in bytes, by state dtype size. A
-# quarter warp's 16-byte reads take two rows (quads g, g + 1); the pad puts the second row's
-# on the other half of the banks (a bf16 lane reads 16 bytes of a row at 64-byte quad
-# strides, an fp32 one two 16-byte halves at 32).
+# quarter warp's 16-byte reads take two rows (quads g and g + 1): a bf16 quad reads 64
+# contiguous bytes of its row, an fp32 one 16 bytes every 32; the pad puts the second row's
+# reads on the banks the first leaves free.
 ROW_PAD_BYTES = {2: 64, 4: 16}
 
 
