@@ -44,6 +44,15 @@ def variants() -> dict:
             out["bf16_mma64x2_unaligned"] = replace(
                 base, tokens=4, rows_per_cta=64, tensor_cores=True, qkv_vectorized=False,
                 state_vectorized=False)
+            # Writing every intermediate state (SGLang's verify, vLLM's with the pool too):
+            # built, not dispatched until measured.
+            for T in (1, 2, 3, 4):
+                out[f"bf16_mma64x2_verify_rows_T{T}"] = replace(
+                    base, tokens=T, rows_per_cta=64, tensor_cores=True, intermediate="rows",
+                    update_state=False)
+            out["bf16_mma32x2_verify_indexed_T4_updated"] = replace(
+                base, tokens=4, tensor_cores=True, intermediate="indexed",
+                inter_index_dtype=torch.int64)
         for T in (2, 8):
             out[f"{s}_verify_rows_T{T}"] = replace(base, tokens=T, intermediate="rows",
                                                    update_state=False)

@@ -100,6 +100,31 @@ def test_verify_writes_every_intermediate_state(state_dtype, indexed):
     assert buffer[:, T:].isnan().all()
 
 
+@pytest.mark.parametrize("heads", [TP1, TP8], ids=["tp1", "tp8"])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("indexed, update_state", [(False, False), (True, False), (True, True)])
+def test_the_tensor_core_kernel_writes_every_intermediate_state(heads, tokens, indexed,
+                                                                update_state):
+    """Forced (the dispatch keeps verify on CUDA cores until this form is measured)."""
+    B = 7
+    problem = make_problem(B, tokens, *heads, num_padding=2, num_slots=30,
+                           state_dtype=torch.bfloat16, device="cuda", seed=300 + tokens)
+    buffer = torch.full((B + 3, 8, heads[1], 128, 128), float("nan"), dtype=torch.bfloat16,
+                        device="cuda")
+    inter = buffer[:, :tokens]
+    rows = torch.randperm(B + 3, device="cuda")[:B].to(torch.int32) if indexed else None
+    with forced_tile(Tile(64, 2, tensor_cores=True)):
+        ref_kwargs = assert_same_as_reference(problem, intermediate_states=inter,
+                                              intermediate_indices=rows,
+                                              update_state=update_state)
+    valid = (problem.state_indices >= 0).nonzero().squeeze(1)
+    written = valid if rows is None else rows[valid].long()
+    assert relative_error(inter[written], ref_kwargs["intermediate_states"][written]) < TOL[torch.bfloat16]
+    unwritten = torch.ones(B + 3, dtype=torch.bool, device="cuda")
+    unwritten[written] = False
+    assert buffer[unwritten].isnan().all() and buffer[:, tokens:].isnan().all()
+
+
 def test_pool_past_2_to_the_31_elements():
     # TP1 fp32: 2^19 elements a slot, so slot 4096 starts at element 2^31.
     problem = make_problem(4, 1, *TP1, num_slots=4100, device="cuda", seed=9)

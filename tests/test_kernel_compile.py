@@ -59,6 +59,19 @@ def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
     assert stores == (per_copy * copies if cfg.state_vectorized else 0) + ring_key
 
 
+@pytest.mark.parametrize("name", [n for n in DECODE if VARIANTS[n].tensor_cores
+                                  and VARIANTS[n].intermediate])
+def test_the_tensor_core_verify_forms_each_state_in_its_own_mmas_from_the_loaded_state(
+        ptx_dir, name):
+    """Steps 1 and 2 once, then per token one rank-update MMA per 16 rows and 8 columns; the
+    pool's new state (where written) is the last token's, not one pass more."""
+    cfg = VARIANTS[name]
+    ptx = (ptx_dir / f"{name}.ptx").read_text()
+    R, K = cfg.rows_per_thread, cfg.head_k_dim
+    products = K // 16 * (R + 2) + R // 2 * 4 * (K // 32) * cfg.tokens
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == products
+
+
 PREFETCH = "cp.async.bulk.prefetch.L2.global"
 
 

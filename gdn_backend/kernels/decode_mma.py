@@ -19,7 +19,9 @@ the per-element work runs on mma.sync (m16n8k16, bf16 in, float32 accumulate):
    per-token update of decode.py, applied to projections of the state.
 4. S_T = (Π_t a_t) S0 + Σ_t w_t u_t k̂_tᵀ (w_t: the decays after token t), one MMA per 16
    rows and 8 columns, whose K dimension pairs (w u high, w u low) with (k̂ high, k̂ low)
-   of each token: four tokens fill its 16.
+   of each token: four tokens fill its 16. Where every token's state is written
+   (intermediate states, SGLang's verify), step 4 runs once per token t, with the
+   weights of S_t, from S0 as loaded; the last is the new state.
 
 Columns. Lane (g, c) = (lane / 4, lane % 4) of a warp holds rows g, g + 8, g + 16, ...
 An MMA fragment gives a lane, of every 16 columns, columns 2c, 2c + 1, 2c + 8 and 2c + 9;
@@ -137,6 +139,25 @@ def row_window(projections: cute.Tensor, v_in: cute.Tensor, r: int, decay, beta,
     return o_mine, mine
 
 
+def update_words(mine):
+    """Step 4's A words of each row's weighted u: (high, high) and (low, low) bf16 pairs."""
+    high = [bf16_pair(x, x) for x in mine]
+    low = [bf16_pair(bf16_residual(x), bf16_residual(x)) for x in mine]
+    return high, low
+
+
+def token_weight(decay, t: int, lane: Int32, T: int) -> Float32:
+    """The weight of this lane's token c in the state after token t: the decays after it,
+    a_{c+1} ... a_t, for c ≤ t; 0 for later tokens (and for lanes past T)."""
+    weight = Float32(0.0)
+    for c in range(min(t, T - 1) + 1):
+        after = Float32(1.0)
+        for x in range(c + 1, t + 1):
+            after = after * decay[x]
+        weight = Float32(cutlass.select_(lane == c, after, weight))
+    return weight
+
+
 class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
     """A warp owns `rows_per_thread` / 2 blocks of 16 rows of a head's state; its staged
     vectors and token-pair products serve all of them."""
@@ -146,8 +167,8 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
     def __init__(self, *, rows_per_cta: int, rows_per_thread: int, **options):
         super().__init__(rows_per_cta=rows_per_cta, rows_per_thread=rows_per_thread, **options)
         assert self.vec == 8, "the tensor-core decode serves bf16 pools"
-        # One slot a request, rows of equal length, no intermediate states (heuristics.serves).
-        assert 1 <= self.T <= MAX_TOKENS and self.intermediate is None
+        # One slot a request, rows of equal length (heuristics.serves).
+        assert 1 <= self.T <= MAX_TOKENS
         assert not (self.per_token_slots or self.ragged)
         # A lane stages one 4-column group of each vector (K/32 = 4), as 16 bytes.
         assert rows_per_thread % 2 == 0 and self.K == 128
@@ -242,36 +263,75 @@ class GatedDeltaRuleDecodeMMA(GatedDeltaRuleDecode):
         w = [Float32(1.0)] * T
         for t in cutlass.range_constexpr(T - 2, -1, -1):
             w[t] = w[t + 1] * decay[t + 1]
-        # Of this lane's token c, for each of its rows: o_c, and w_c u_c (step 4's A).
+        # Of this lane's token c, for each of its rows: o_c, and w_c u_c (step 4's A); u_c
+        # alone where intermediate states take their own weights.
+        intermediate = self.intermediate is not None
         o_mine = [Float32(0.0)] * R
         mine = [Float32(0.0)] * R
         for r in cutlass.range_constexpr(R):
             o_mine[r], mine[r] = row_window(sDots[None, g, r, warp], v_in, r, decay, beta, kk,
-                                            kq, w, lane, T)
+                                            kq, None if intermediate else w, lane, T)
         if lane < T:
             for r in cutlass.range_constexpr(R):
                 mOut[req[0], lane, hv, rows[r]] = o_mine[r].to(mOut.element_type)
 
-        if const_expr(self.update_state):
+        if const_expr(intermediate):
+            khat = self.lane_khat(sKhat, lane, g)
+            # S_t = (a_0 ... a_t) S0 + Σ_{c ≤ t} (a_{c+1} ... a_t) u_c k̂_cᵀ: step 4 again for
+            # every token, with its own weights, each state straight to its intermediate row
+            # (column block by column block: token by token held 40 more registers). The last
+            # is the new state.
+            inter = mInter[req[1], None, hv, None, None]
+            words = [update_words([token_weight(decay, t, lane, T) * u for u in mine])
+                     for t in range(T)]
+            prefix_decay = [decay[0]] * T
+            for t in cutlass.range_constexpr(1, T):
+                prefix_decay[t] = prefix_decay[t - 1] * decay[t]
+            for j in cutlass.range_constexpr(self.vecs_per_lane):
+                for t in cutlass.range_constexpr(T):
+                    new = self.updated_block(raw, *words[t], khat, prefix_decay[t], j)
+                    out = cute.make_rmem_tensor((8, R), mInter.element_type)
+                    out.store(new.load().to(mInter.element_type))
+                    for r in cutlass.range_constexpr(R):
+                        cute.autovec_copy(out[None, r], cute.local_tile(
+                            inter[t, rows[r], None], (8,), (j * MMA_LANES_PER_ROW + lane,)))
+                    if const_expr(self.update_state and t == T - 1):
+                        raw[None, j, None].store(new.load().to(BFloat16))
+            if const_expr(self.update_state):
+                self.store_rows(raw, gS, lane, rows)
+        elif const_expr(self.update_state):
             # Step 4. A: (high, high) and (low, low) of w_c u_c for rows g + 16m, g + 16m + 8.
-            high = [bf16_pair(mine[r], mine[r]) for r in range(R)]
-            low = [bf16_pair(bf16_residual(mine[r]), bf16_residual(mine[r])) for r in range(R)]
-            khat = cute.make_rmem_tensor((self.K // 8,), Int32)
-            if const_expr(T < MAX_TOKENS):
-                khat.fill(0)
-            if lane < T:
-                cute.autovec_copy(sKhat[None, lane, g], khat)
+            high, low = update_words(mine)
+            khat = self.lane_khat(sKhat, lane, g)
             total_decay = w[0] * decay[0]
             for j in cutlass.range_constexpr(self.vecs_per_lane):
-                new = cute.make_rmem_tensor((8, R), Float32)
-                for m in cutlass.range_constexpr(R // 2):
-                    a_update = (high[2 * m], high[2 * m + 1], low[2 * m], low[2 * m + 1])
-                    for b in cutlass.range_constexpr(4):
-                        d = mma_bf16(a_update, (khat[4 * j + b], khat[4 * j + b]), [Float32(0.0)] * 4)
-                        for r in cutlass.range_constexpr(2):
-                            for e in cutlass.range_constexpr(2):
-                                x = 2 * b + e
-                                new[x, 2 * m + r] = (total_decay * Float32(raw[x, j, 2 * m + r])
-                                                     + d[2 * r + e])
+                new = self.updated_block(raw, high, low, khat, total_decay, j)
                 raw[None, j, None].store(new.load().to(BFloat16))
             self.store_rows(raw, gS, lane, rows)
+
+    @cute.jit
+    def lane_khat(self, sKhat, lane: Int32, g):
+        """Step 4's B words of this lane's token c (zero for lanes past T)."""
+        khat = cute.make_rmem_tensor((self.K // 8,), Int32)
+        if const_expr(self.T < MAX_TOKENS):
+            khat.fill(0)
+        if lane < self.T:
+            cute.autovec_copy(sKhat[None, lane, g], khat)
+        return khat
+
+    @cute.jit
+    def updated_block(self, raw, high, low, khat, total_decay, j: int) -> cute.Tensor:
+        """Step 4 on vector j of this thread's rows: total_decay S0 + Σ_c (weighted u_c) k̂_cᵀ,
+        (8, rows) float32, from S0 as loaded (`raw`) and the update's A words."""
+        R = self.rows_per_thread
+        new = cute.make_rmem_tensor((8, R), Float32)
+        for m in cutlass.range_constexpr(R // 2):
+            a_update = (high[2 * m], high[2 * m + 1], low[2 * m], low[2 * m + 1])
+            for b in cutlass.range_constexpr(4):
+                d = mma_bf16(a_update, (khat[4 * j + b], khat[4 * j + b]), [Float32(0.0)] * 4)
+                for r in cutlass.range_constexpr(2):
+                    for e in cutlass.range_constexpr(2):
+                        x = 2 * b + e
+                        new[x, 2 * m + r] = (total_decay * Float32(raw[x, j, 2 * m + r])
+                                             + d[2 * r + e])
+        return new

@@ -14,8 +14,9 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
   whose per-element work is a few MMAs rather than 4 FP operations a token
   (TP1, T = 4: 1.16-1.37x the copy against 1.39-1.54x). In 64-row CTAs of four
   warps, whose staging of the tokens is spread over more warps, once those give
-  every SM two CTAs (from 132 heads); in 32-row CTAs below that. Not when
-  intermediate states are written: that kernel writes only the last state.
+  every SM two CTAs (from 132 heads); in 32-row CTAs below that. Not yet when
+  intermediate states are written: that form of it is built and tested by forced tiles
+  (session 5), not measured.
 - Several tokens on an fp32 pool, every state written to intermediate rows (verify),
   for requests of at most 4 value heads (TP8) up to 256 heads: 8-row tiles (H200 sweep,
   TP8 B = 16-64, T = 2 and 4: 1.07-1.27x the copy against 1.15-1.50x on 32x2; not
@@ -76,7 +77,8 @@ RING_WIDE_FROM_HEADS = 512
 def serves(tile: Tile, tokens: int, state_bytes: int, intermediate: bool = False,
            per_token_slots: bool = False, ragged: bool = False) -> bool:
     """Whether `tile`'s kernel can run this call: the tensor-core one takes bf16 pools, T <= 4,
-    writes no intermediate states, and takes one slot a request and rows of equal length."""
+    one slot a request and rows of equal length, and (until its intermediate-state form is
+    measured) calls that write no intermediate states."""
     return not tile.tensor_cores or (state_bytes == 2 and tokens in MMA_TOKENS
                                      and not (intermediate or per_token_slots or ragged))
 
