@@ -306,6 +306,8 @@ def validate(
 
 # ReplaySSM: one warp scans a ring's decays, a record a lane.
 MAX_RING = 32
+# CUDA's limit on a grid's second and third dimensions.
+MAX_GRID_YZ = 65535
 
 
 @dataclass(frozen=True)
@@ -470,6 +472,10 @@ def validate_spec_fold(checkpoint, ring_d, ring_d_low, ring_k, ring_k_low, ring_
         raise ValueError("state_indices must be a [B] tensor of the requests' slots")
     B = state_indices.shape[0]
     _check_index_vector("state_indices", state_indices, B, "[B]", INDEX_DTYPES)
+    for name, count in (("requests", B), ("layers", layers)):
+        if count > MAX_GRID_YZ:  # the fold's grid is (tiles x heads, requests, layers)
+            raise ValueError(f"the fold takes at most {MAX_GRID_YZ} {name} a call; this one has "
+                             f"{count}: split it")
     rings = validate_spec_rings(ring_d, ring_d_low, ring_k, ring_k_low, ring_g, replay_indices,
                                 write_pos, cache_base, is_flush, lead=(layers,), num_heads=None,
                                 num_v_heads=HV, head_k_dim=K, head_v_dim=V, batch=B,

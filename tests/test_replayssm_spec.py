@@ -404,6 +404,9 @@ def test_a_bad_fold_argument_is_a_clear_error_and_writes_nothing():
     with pytest.raises(ValueError, match="ring_d has shape"):
         gdn_backend.replayssm_spec_fold(ring.checkpoint, ring.ring_d[:1], *ring.rings(None)[1:],
                                         two, two, *ring.cursors, two)
+    many = torch.zeros(65536, dtype=torch.int32)
+    with pytest.raises(ValueError, match="at most 65535 requests"):
+        fold(ring, many, many, many)
     for now, then in zip(ring.tensors(), before):
         assert torch.equal(now, then)
 

@@ -371,7 +371,9 @@ class ReplaySSMSpecFold(ReplaySSMSpecVerify):
     @cute.jit
     def __call__(self, mPool, mIdx, mFlag, mRingD, mRingDLow, mRingK, mRingKLow, mRingG, mRows,
                  mWritePos, mBase, mIsFlush, mAccept, mTrack, mTrackSteps, stream):
-        grid = [mPool.shape[0] * mIdx.shape[0] * self.HV * self.tiles, 1, 1]
+        # (tile, head), request, layer: the CTA finds its own from block_idx without dividing
+        # by the batch, a runtime value (about 30 instructions of every CTA's prologue).
+        grid = [self.HV * self.tiles, mIdx.shape[0], mPool.shape[0]]
         self.kernel(mPool, mIdx, mFlag, mRingD, mRingDLow, mRingK, mRingKLow, mRingG, mRows,
                     mWritePos, mBase, mIsFlush, mAccept, mTrack, mTrackSteps).launch(
             grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes(), stream=stream,
@@ -442,11 +444,8 @@ class ReplaySSMSpecFold(ReplaySSMSpecVerify):
         """The fold's prologue: this CTA's (tile, head), its layer's checkpoints and rings (d,
         d_low, k, k_low, g), and after the wait for the previous kernel, its request's
         `fold_plan`; a bad request sets the error flag (once, from its first CTA)."""
-        bid, _, _ = cute.arch.block_idx()
-        B = mIdx.shape[0]
-        tile, hv = bid % self.tiles, (bid // self.tiles) % self.HV
-        n = (bid // (self.tiles * self.HV)) % B
-        layer = bid // (self.tiles * self.HV * B)
+        bid, n, layer = cute.arch.block_idx()
+        tile, hv = bid % self.tiles, bid // self.tiles
         pool = mPool[layer, None, None, None, None]
         rings = tuple(ring[layer, None, None, None, None]
                       for ring in (mRingD, mRingDLow, mRingK, mRingKLow)) + (
