@@ -45,7 +45,7 @@ def variants() -> dict:
                 base, tokens=4, rows_per_cta=64, tensor_cores=True, qkv_vectorized=False,
                 state_vectorized=False)
             # Writing every intermediate state (SGLang's verify, vLLM's with the pool too):
-            # built, not dispatched until measured.
+            # dispatched for TP8's bf16 verify where it won (heuristics.py).
             for T in (1, 2, 3, 4):
                 out[f"bf16_mma64x2_verify_rows_T{T}"] = replace(
                     base, tokens=T, rows_per_cta=64, tensor_cores=True, intermediate="rows",

@@ -67,18 +67,34 @@ def test_tensor_cores_take_64_row_tiles_once_every_sm_gets_two(batch, heads):
         assert tile == (MMA_WIDE if batch * heads * (128 // 64) >= 2 * NUM_SMS else MMA)
 
 
-@pytest.mark.parametrize("tokens", [3, 4])
-@pytest.mark.parametrize("batch", [1, 16, 256])
-def test_writing_intermediate_states_never_takes_tensor_cores(tokens, batch):
+@pytest.mark.parametrize("tokens", [2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 4, 16, 256])
+def test_verify_with_many_value_heads_a_request_stays_on_cuda_cores(tokens, batch):
     assert not choose_tile(batch, 32, 128, tokens, BF16, intermediate=True).tensor_cores
     assert not any(t.tensor_cores for t in tiles_for(32, 128, tokens, BF16, intermediate=True))
 
 
-def test_the_tensor_core_kernel_serves_bf16_pools_up_to_four_tokens_without_intermediates():
+@pytest.mark.parametrize("batch, tokens, tile", [
+    (8, 4, TINY), (16, 2, LARGE), (16, 4, MMA), (32, 2, MMA), (32, 3, MMA), (32, 4, MMA),
+    (64, 2, MMA_WIDE), (64, 4, LARGE), (128, 2, MMA_WIDE), (128, 3, LARGE), (256, 2, LARGE)])
+def test_verify_on_a_bf16_pool_takes_tensor_cores_for_tp8_batches_where_they_won(batch, tokens,
+                                                                                 tile):
+    assert choose_tile(batch, 4, 128, tokens, BF16, intermediate=True) == tile
+
+
+def test_verify_on_an_fp32_pool_and_per_token_slots_never_take_tensor_cores():
+    for batch in (16, 32, 64, 128):
+        assert not choose_tile(batch, 4, 128, 3, FP32, intermediate=True).tensor_cores
+        assert not choose_tile(batch, 4, 128, 2, BF16, per_token_slots=True).tensor_cores
+
+
+def test_the_tensor_core_kernel_serves_bf16_pools_up_to_four_tokens_in_one_slot_a_request():
     assert serves(MMA, 4, BF16) and serves(MMA_WIDE, 1, BF16)
+    assert serves(MMA_WIDE, 2, BF16, intermediate=True)
     assert not serves(MMA, 4, FP32)
     assert not serves(MMA, 5, BF16)
-    assert not serves(MMA_WIDE, 2, BF16, intermediate=True)
+    assert not serves(MMA, 2, BF16, per_token_slots=True)
+    assert not serves(MMA, 2, BF16, ragged=True)
     assert serves(LARGE, 8, FP32, intermediate=True)
 
 
@@ -115,7 +131,6 @@ def test_per_token_slots_on_fp32_at_tp8_take_fine_tiles_at_two_tokens(batch):
 
 
 @pytest.mark.parametrize("batch, heads, tokens, state_bytes, options", [
-    (32, 4, 2, BF16, {"intermediate": True}),        # bf16 pools: not measured, unchanged
     (32, 4, 4, FP32, {"per_token_slots": True}),     # per-token slots: 8x1 lost at T = 4
     (4, 32, 2, FP32, {"intermediate": True}),        # TP1's 32 value heads: not measured
     (32, 4, 2, FP32, {}),                            # decode

@@ -105,7 +105,7 @@ def test_verify_writes_every_intermediate_state(state_dtype, indexed):
 @pytest.mark.parametrize("indexed, update_state", [(False, False), (True, False), (True, True)])
 def test_the_tensor_core_kernel_writes_every_intermediate_state(heads, tokens, indexed,
                                                                 update_state):
-    """Forced (the dispatch keeps verify on CUDA cores until this form is measured)."""
+    """Forced at 64 x 2 (the dispatch takes it for TP8 batches only), through the op."""
     B = 7
     problem = make_problem(B, tokens, *heads, num_padding=2, num_slots=30,
                            state_dtype=torch.bfloat16, device="cuda", seed=300 + tokens)

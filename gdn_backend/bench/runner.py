@@ -37,7 +37,7 @@ from . import fla, flashinfer, sglang, spec_ring, torch_step, vllm
 from .cells import MODES, POOLS, RING, SHAPES, Cell
 from .plot import plot
 from .tiles import forced_tile, parse_tile, tile_name
-from .timing import copy_ceiling_tbps, time_graph
+from .timing import copy_ceiling_tbps, settle, time_graph
 
 BATCHES = (1, 4, 16, 32, 64, 128, 256)
 TOKENS = {"decode": (1, 2, 4), "verify": (2, 3, 4, 8), "slots": (2, 3, 4, 8),
@@ -112,6 +112,7 @@ def spec_row(shape: str, pool: str, B: int, T: int, first: bool, peers: dict, re
 
 
 def time_cell(cell: Cell, peers: dict, replays: int, tiles=()) -> dict:
+    settle(cell.ours, cell.sets)
     ours = time_graph(cell.ours, cell.sets, replays)
     copy = time_graph(cell.copy_of(cell.copy_bytes), cell.sets, replays)
     row = dict(mode=cell.mode, shape=cell.shape, pool=cell.pool_name, T=cell.T, B=cell.B,

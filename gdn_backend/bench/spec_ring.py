@@ -27,7 +27,7 @@ from ..replayssm_spec import replayssm_spec_fold, replayssm_spec_verify
 from .cells import COLD_BYTES, MAX_SETS, POOLS, SHAPES, Cell, K, V, copy_of, set_rows
 from .sglang import SPEC_RING
 from .tiles import forced_tile, tile_name
-from .timing import time_graph
+from .timing import settle, time_graph
 
 RING = 16  # SGLang's --linear-replayssm-cache-len default
 
@@ -146,6 +146,7 @@ class SpecCell:
 
 def time_cell(cell: SpecCell, replays: int, tiles=()) -> dict:
     """The row of one cell: ours, SGLang's step (its advance is on both sides), the baseline."""
+    settle(cell.ours, cell.sets)
     ours = time_graph(cell.ours, cell.sets, replays)
     baseline = Cell("verify", cell.shape, cell.pool_name, cell.B, cell.T)
     verify_us = time_graph(baseline.classic, baseline.sets, replays)

@@ -32,6 +32,12 @@ def time_graph(fn, calls: int, replays: int) -> float:
     return statistics.median(times)
 
 
+def settle(fn, calls: int) -> None:
+    """Replay fn's graph a few times, untimed: a cell's setup leaves the GPU idle, and the
+    first graph timed after it must not pay for the clocks coming back up."""
+    time_graph(fn, calls, replays=3)
+
+
 def copy_ceiling_tbps() -> float:
     """The best device-to-device copy rate (read + write) over a few large sizes."""
     best = 0.0

@@ -14,9 +14,13 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
   whose per-element work is a few MMAs rather than 4 FP operations a token
   (TP1, T = 4: 1.16-1.37x the copy against 1.39-1.54x). In 64-row CTAs of four
   warps, whose staging of the tokens is spread over more warps, once those give
-  every SM two CTAs (from 132 heads); in 32-row CTAs below that. Not yet when
-  intermediate states are written: that form of it is built and tested by forced tiles
-  (session 5), not measured.
+  every SM two CTAs (from 132 heads); in 32-row CTAs below that.
+- Every state written to intermediate rows (verify) on a bf16 pool, for requests of at
+  most 4 value heads (TP8): the tensor-core kernel in 32-row CTAs up to 128 heads (T = 2
+  only past 64), and at T = 2 in 64-row CTAs up to 512 (H200 sweep, session 6, TP8 B =
+  16-128: 1.08-1.17x the copy against 1.16-1.32x on 32x2). Elsewhere (TP1 at B = 4-256,
+  TP8 T = 3 and 4 from 256 heads) it lost, tied or won by at most 0.03, so it is not
+  applied there.
 - Several tokens on an fp32 pool, every state written to intermediate rows (verify),
   for requests of at most 4 value heads (TP8) up to 256 heads: 8-row tiles (H200 sweep,
   TP8 B = 16-64, T = 2 and 4: 1.07-1.27x the copy against 1.15-1.50x on 32x2; not
@@ -40,6 +44,10 @@ FINE_FP32_FROM_HEADS = 256
 # FINE_VERIFY_MAX_V_HEADS value heads (where it was measured).
 FINE_VERIFY_UP_TO_HEADS = 256
 FINE_VERIFY_MAX_V_HEADS = 4
+# Verify on a bf16 pool, for requests of at most FINE_VERIFY_MAX_V_HEADS value heads, takes
+# the tensor-core kernel in 32-row CTAs up to this many heads (T = 2 only past the first
+# bound), and at T = 2 in 64-row CTAs up to the third.
+MMA_VERIFY_HEADS = (64, 128, 512)
 # Lanes that share one state row: in decode.py, and in decode_mma.py (a quad of an MMA).
 LANES_PER_ROW = 8
 MMA_LANES_PER_ROW = 4
@@ -77,10 +85,9 @@ RING_WIDE_FROM_HEADS = 512
 def serves(tile: Tile, tokens: int, state_bytes: int, intermediate: bool = False,
            per_token_slots: bool = False, ragged: bool = False) -> bool:
     """Whether `tile`'s kernel can run this call: the tensor-core one takes bf16 pools, T <= 4,
-    one slot a request and rows of equal length, and (until its intermediate-state form is
-    measured) calls that write no intermediate states."""
+    one slot a request and rows of equal length."""
     return not tile.tensor_cores or (state_bytes == 2 and tokens in MMA_TOKENS
-                                     and not (intermediate or per_token_slots or ragged))
+                                     and not (per_token_slots or ragged))
 
 
 def latency_bound(heads: int, head_v_dim: int) -> bool:
@@ -104,8 +111,15 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
     if (fp32 and every_state and heads <= FINE_VERIFY_UP_TO_HEADS
             and num_v_heads <= FINE_VERIFY_MAX_V_HEADS):
         return TINY
-    if tokens in (3, 4) and serves(MMA, tokens, state_bytes, intermediate, per_token_slots,
-                                   ragged):
+    if (intermediate and num_v_heads <= FINE_VERIFY_MAX_V_HEADS
+            and serves(MMA, tokens, state_bytes, intermediate, per_token_slots, ragged)):
+        two_from, up_to, wide_up_to = MMA_VERIFY_HEADS
+        if heads <= up_to and (tokens > 2 or heads > two_from):
+            return MMA
+        if tokens == 2 and up_to < heads <= wide_up_to:
+            return MMA_WIDE
+    if tokens in (3, 4) and not intermediate and serves(MMA, tokens, state_bytes, intermediate,
+                                                        per_token_slots, ragged):
         return MMA_WIDE if heads * (head_v_dim // MMA_WIDE.rows_per_cta) >= 2 * NUM_SMS else MMA
     return LARGE
 
