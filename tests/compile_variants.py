@@ -17,8 +17,8 @@ import torch
 
 def variants() -> dict:
     from gdn_backend.kernels.compile import KernelConfig
-    from gdn_backend.kernels.heuristics import (SPEC_MMA, SPEC_MMA_SMALL, TILES, ring_tiles_for,
-                                                spec_tiles_for, tiles_for)
+    from gdn_backend.kernels.heuristics import (SPEC_MMA, SPEC_MMA_SMALL, SPEC_STAGED_ROWS, TILES,
+                                                ring_tiles_for, spec_tiles_for, tiles_for)
 
     out = {}
     for state in (torch.float32, torch.bfloat16):
@@ -88,6 +88,8 @@ def variants() -> dict:
         # tile, the fold with and without snapshots, the cursor reset.
         spec = replace(base, ring_len=16, ring_dtype=torch.bfloat16,
                        row_index_dtype=torch.int64)
+        # The tensor-core kernels with their checkpoint rows where the dispatch puts them.
+        spec_mma = replace(spec, tensor_cores=True, staged_rows=SPEC_STAGED_ROWS[state.itemsize])
         for tile in dict.fromkeys(t for hv in (4, 32)
                                   for t in spec_tiles_for(hv, 128, state.itemsize)):
             for T in (2, 3, 4, 8):
@@ -105,25 +107,32 @@ def variants() -> dict:
         for tile in (SPEC_MMA_SMALL, SPEC_MMA):
             for T in (1, 2, 3, 4):
                 out[f"{s}_spec_verify_mma{tile.rows_per_cta}x{tile.rows_per_thread}_T{T}"] = replace(
-                    spec, tokens=T, rows_per_cta=tile.rows_per_cta,
-                    rows_per_thread=tile.rows_per_thread, tensor_cores=True, spec="verify",
+                    spec_mma, tokens=T, rows_per_cta=tile.rows_per_cta,
+                    rows_per_thread=tile.rows_per_thread, spec="verify",
                     ragged=True, update_state=False)
         for tile in (SPEC_MMA_SMALL, SPEC_MMA):
             for track in (False, True):
                 name = f"{s}_spec_fold_mma{tile.rows_per_cta}x{tile.rows_per_thread}"
                 out[name + ("_track" if track else "")] = replace(
-                    spec, rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
-                    tensor_cores=True, spec="fold", track=track)
+                    spec_mma, rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
+                    spec="fold", track=track)
         out[f"{s}_spec_fold_mma_L32_unaligned"] = replace(
-            spec, rows_per_cta=64, rows_per_thread=2, tensor_cores=True, spec="fold",
+            spec_mma, rows_per_cta=64, rows_per_thread=2, spec="fold",
             track=True, ring_len=32, ring_vectorized=False, state_vectorized=False)
         out[f"{s}_spec_verify_mma128x2_L32"] = replace(
-            spec, tokens=4, rows_per_cta=128, rows_per_thread=2, tensor_cores=True,
+            spec_mma, tokens=4, rows_per_cta=128, rows_per_thread=2,
             spec="verify", ragged=True, update_state=False, ring_len=32)
         out[f"{s}_spec_verify_mma_unaligned"] = replace(
-            spec, tokens=4, rows_per_cta=64, rows_per_thread=2, tensor_cores=True,
+            spec_mma, tokens=4, rows_per_cta=64, rows_per_thread=2,
             spec="verify", ragged=True, update_state=False, row_index_dtype=torch.int32,
             ring_vectorized=False, state_vectorized=False)
+        # ... and with the other placement of the rows, which a forced tile can choose.
+        other = replace(spec_mma, staged_rows=not spec_mma.staged_rows, rows_per_cta=64,
+                        rows_per_thread=2)
+        rows = "registers" if spec_mma.staged_rows else "staged"
+        out[f"{s}_spec_verify_mma64x2_T4_{rows}"] = replace(
+            other, tokens=4, spec="verify", ragged=True, update_state=False)
+        out[f"{s}_spec_fold_mma64x2_{rows}"] = replace(other, spec="fold")
         out[f"{s}_spec_verify_int32_rows_unaligned"] = replace(
             spec, tokens=4, spec="verify", ragged=True, update_state=False,
             row_index_dtype=torch.int32, ring_vectorized=False, state_vectorized=False)

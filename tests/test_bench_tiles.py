@@ -20,6 +20,9 @@ def test_a_tile_is_rows_per_cta_by_rows_per_thread():
 
 def test_a_tensor_core_tile_ends_in_tc():
     assert tiles.parse_tile("64x2tc") == Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)
+    assert tiles.parse_tile("64x2tcs") == Tile(64, 2, tensor_cores=True, staged_rows=True)
+    assert tiles.parse_tile("64x2tcr") == Tile(64, 2, tensor_cores=True, staged_rows=False)
+    assert tiles.tile_name(tiles.parse_tile("32x2tcr")) == "32x2tcr"
     assert tiles.tile_name(Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)) == "32x2tc"
     assert Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True).threads == 128
 
@@ -111,3 +114,25 @@ def test_a_spec_row_prints_its_verify_and_baseline_beside_it():
     row = dict(mode="spec", shape="TP1", pool="fp32", T=4, B=64, ours_us=60.0, copy_us=100.0,
                ratio=0.6, tbps=2.0, pct_ceiling=50.0, spec_verify_us=45.0, baseline_us=110.0)
     assert runner.format_row(row).endswith("| spec_verify  0.45x | baseline  1.10x")
+
+
+@pytest.mark.parametrize("state_dtype, staged_rows, staged", [
+    (torch.bfloat16, None, True), (torch.float32, None, False),
+    (torch.bfloat16, False, False), (torch.float32, True, True)])
+def test_the_spec_rings_tensor_core_kernels_stage_rows_by_the_dtype_unless_a_tile_says(
+        state_dtype, staged_rows, staged):
+    from gdn_backend.replayssm_spec import _validate_fold, _validate_verify
+    from gdn_backend.testing import SpecRing
+
+    ring = SpecRing(8, 4, 16, 32, layers=1, state_dtype=state_dtype)
+    q, k, v, a, b, cu = ring.window([4, 4])
+    two = torch.tensor([1, 2], dtype=torch.int32)
+    vc = _validate_verify(q, k, v, a, b, ring.A_log, ring.dt_bias, ring.checkpoint[0],
+                          *ring.rings(0), cu, two, two, *ring.cursors, torch.empty_like(v), 4,
+                          1.0, 0)
+    fc = _validate_fold(ring.checkpoint, *ring.rings(None), two, two, *ring.cursors, two,
+                        None, None)
+    with tiles.forced_tile(Tile(64, 2, tensor_cores=True, staged_rows=staged_rows)):
+        verify, (fold, finish) = launch.spec_verify_config(vc), launch.spec_fold_configs(fc)
+    assert verify.staged_rows == fold.staged_rows == staged
+    assert not finish.staged_rows

@@ -18,7 +18,9 @@ flash-linear-attention's fused_recurrent_gated_delta_rule with gather/scatter, b
 the valid rows only (neither handles padding in place).
 
 --tiles 32x4 32x2 ... also times every cell with each given tile (rows per CTA x rows per
-thread) in place of the dispatch's choice: the sweep behind the dispatch rules.
+thread; "tc" after it: the tensor-core kernels, "tcs" / "tcr": the spec ring's with their
+checkpoint rows staged / in registers) in place of the dispatch's choice: the sweep behind
+the dispatch rules.
 """
 
 from __future__ import annotations

@@ -16,12 +16,15 @@ V = 128
 def parse_tile(text: str) -> Tile:
     """"RxT" -> Tile(R rows per CTA, T rows per thread), for a tile the kernel can build at V=128;
     "RxNtc": R rows per CTA, N a thread, on the tensor-core kernel (bf16 pools, T <= 4; the
-    spec ring's verify, T <= 4, and fold)."""
-    match = re.fullmatch(r"(\d+)x(\d+)(tc)?", text)
+    spec ring's verify, T <= 4, and fold); "RxNtcs" / "RxNtcr": the spec ring's tensor-core
+    kernels with their checkpoint rows staged in shared memory / in registers (else the
+    dtype's rule)."""
+    match = re.fullmatch(r"(\d+)x(\d+)(tc([sr])?)?", text)
     if not match:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a tile: write rows_per_cta x rows_per_thread, e.g. 32x4 or 32x2tc")
-    tile = Tile(int(match[1]), int(match[2]), tensor_cores=bool(match[3]))
+    staged = None if match[4] is None else match[4] == "s"
+    tile = Tile(int(match[1]), int(match[2]), tensor_cores=bool(match[3]), staged_rows=staged)
     if tile.tensor_cores:
         warp_rows = 8 * tile.rows_per_thread
         if tile.rows_per_thread % 2 or tile.rows_per_cta % warp_rows or V % tile.rows_per_cta:
@@ -37,7 +40,8 @@ def parse_tile(text: str) -> Tile:
 
 
 def tile_name(tile: Tile) -> str:
-    return f"{tile.rows_per_cta}x{tile.rows_per_thread}{'tc' if tile.tensor_cores else ''}"
+    rows = {None: "", True: "s", False: "r"}[tile.staged_rows]
+    return f"{tile.rows_per_cta}x{tile.rows_per_thread}{'tc' + rows if tile.tensor_cores else ''}"
 
 
 @contextlib.contextmanager

@@ -58,6 +58,8 @@ class KernelConfig:
     spec: str | None = None
     row_index_dtype: torch.dtype | None = None
     track: bool = False
+    # Its tensor-core kernels: checkpoint rows staged in shared memory (heuristics.Tile).
+    staged_rows: bool = False
 
 
 def qk_chunk(head_k_dim: int) -> int:
@@ -264,6 +266,8 @@ def build(cfg: KernelConfig):
                     state_bytes=cfg.state_dtype.itemsize, rows_per_cta=cfg.rows_per_cta,
                     rows_per_thread=cfg.rows_per_thread, use_pdl=cfg.use_pdl,
                     prefetch_state=cfg.state_vectorized, ring_len=cfg.ring_len)
+        if cfg.tensor_cores:
+            spec["staged_rows"] = cfg.staged_rows
         if cfg.spec == "fold":
             kind = ReplaySSMSpecFoldMMA if cfg.tensor_cores else ReplaySSMSpecFold
             return cute.compile(kind(track=cfg.track, **spec), *fake_fold_arguments(cfg),

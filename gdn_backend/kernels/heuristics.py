@@ -59,6 +59,10 @@ class Tile:
     rows_per_cta: int
     rows_per_thread: int
     tensor_cores: bool = False   # decode_mma.py: rows_per_thread even, 8 x that a warp
+    # The spec ring's tensor-core kernels: checkpoint rows staged in shared memory by
+    # cp.async (True) or loaded into registers (False); None: the pool dtype's rule
+    # (`spec_stages_rows`). The other kernels ignore it.
+    staged_rows: bool | None = None
 
     @property
     def threads(self) -> int:
@@ -175,6 +179,20 @@ def spec_tensor_cores(head_k_dim: int, head_v_dim: int, bf16_records: bool,
     verify, a window of at most four tokens."""
     return (head_k_dim == 128 and bf16_records and tokens in MMA_TOKENS
             and head_v_dim % SPEC_MMA.rows_per_cta == 0)
+
+
+# Whether the spec ring's tensor-core kernels stage a CTA's checkpoint rows in shared memory,
+# by state dtype size. H200 (docs/perf_log.md v14): staged, the bf16 verify at TP1 B = 256
+# took 138 µs against 157 (72 registers, not 96) and the fold tied; on fp32 checkpoints both
+# lost 5-11 µs, so those keep their rows in registers.
+SPEC_STAGED_ROWS = {2: True, 4: False}
+
+
+def spec_stages_rows(tile: Tile, state_bytes: int) -> bool:
+    """Whether `tile` stages its checkpoint rows, on a pool of `state_bytes`-byte elements."""
+    if tile.staged_rows is None:
+        return SPEC_STAGED_ROWS[state_bytes]
+    return tile.staged_rows
 
 
 def choose_spec_verify_tile(batch: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,

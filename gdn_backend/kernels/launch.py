@@ -15,8 +15,8 @@ import torch
 from ..validation import Call, Problem, RingCall, SpecFoldCall, SpecVerifyCall
 from . import compile as _compile
 from .heuristics import (TINY, choose_ring_tile, choose_spec_fold_tile, choose_spec_verify_tile,
-                         choose_tile, ring_tiles_for, spec_fold_tiles_for, spec_verify_tiles_for,
-                         tiles_for)
+                         choose_tile, ring_tiles_for, spec_fold_tiles_for, spec_stages_rows,
+                         spec_verify_tiles_for, tiles_for)
 
 SUPPORTED_HEAD_DIMS = (128,)
 
@@ -109,8 +109,18 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
         tiles = tiles_for(base.num_v_heads, base.head_v_dim, base.tokens,
                           base.state_dtype.itemsize, base.intermediate is not None,
                           per_token_slots=base.per_token_slots, ragged=base.ragged)
+    if base.spec:
+        return [replace(base, **spec_tile_fields(t, base.state_dtype.itemsize)) for t in tiles]
     return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread,
                     tensor_cores=t.tensor_cores) for t in tiles]
+
+
+def spec_tile_fields(tile, state_bytes: int) -> dict:
+    """A spec ring configuration's fields for `tile`: its shape, and the tensor-core
+    kernels' choice of staged checkpoint rows."""
+    return dict(rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
+                tensor_cores=tile.tensor_cores,
+                staged_rows=tile.tensor_cores and spec_stages_rows(tile, state_bytes))
 
 
 def compile_ahead(base: _compile.KernelConfig, device: int) -> None:
@@ -152,8 +162,8 @@ def spec_verify_config(vc: SpecVerifyCall) -> _compile.KernelConfig:
     tile = choose_spec_verify_tile(p.batch, p.num_v_heads, p.head_k_dim, p.head_v_dim,
                                    vc.call.state_pool.element_size(), p.tokens,
                                    rings.ring_d.dtype == torch.bfloat16)
-    return replace(config_for(vc.call), rows_per_cta=tile.rows_per_cta,
-                   rows_per_thread=tile.rows_per_thread, tensor_cores=tile.tensor_cores,
+    return replace(config_for(vc.call),
+                   **spec_tile_fields(tile, vc.call.state_pool.element_size()),
                    ring_len=rings.ring_len, ring_dtype=rings.ring_d.dtype, spec="verify",
                    row_index_dtype=rings.rows.dtype,
                    ring_vectorized=_spec_rings_vectorized(rings))
@@ -182,15 +192,15 @@ def spec_fold_configs(fc: SpecFoldCall) -> tuple[_compile.KernelConfig, _compile
         num_heads=fc.num_heads, num_v_heads=HV, head_k_dim=K, head_v_dim=V, tokens=1,
         qkv_dtype=rings.ring_d.dtype, gate_dtype=torch.float32, A_log_dtype=torch.float32,
         dt_bias_dtype=torch.float32, state_dtype=fc.checkpoint.dtype,
-        index_dtype=fc.state_indices.dtype, rows_per_cta=tile.rows_per_cta,
-        rows_per_thread=tile.rows_per_thread, tensor_cores=tile.tensor_cores,
+        index_dtype=fc.state_indices.dtype,
+        **spec_tile_fields(tile, fc.checkpoint.element_size()),
         state_vectorized=_aligned(fc.checkpoint, vec, fc.checkpoint.stride()[:2]),
         use_pdl=_compile.USE_PDL, ring_len=rings.ring_len, ring_dtype=rings.ring_d.dtype,
         ring_vectorized=_spec_rings_vectorized(rings), spec="fold",
         row_index_dtype=rings.rows.dtype, track=fc.track_indices is not None)
     return fold, replace(fold, spec="finish", rows_per_cta=TINY.rows_per_cta,
                          rows_per_thread=TINY.rows_per_thread, tensor_cores=False,
-                         state_vectorized=True,
+                         staged_rows=False, state_vectorized=True,
                          ring_vectorized=True, use_pdl=False)
 
 

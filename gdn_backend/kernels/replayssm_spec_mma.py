@@ -49,11 +49,6 @@ from .replayssm_spec import ReplaySSMSpecFold, ReplaySSMSpecVerify
 # Places of the ring one MMA's K dimension takes.
 RECORD_BLOCK = 16
 GROUP = 8  # columns of a row a lane holds together
-# Whether a CTA's checkpoint rows go to shared memory by cp.async (else each thread loads its
-# groups into registers), by state dtype size. Measured on the H200 (docs/perf_log.md v14):
-# staged, the bf16 verify at TP1 B = 256 took 138 µs against 157 (72 registers, not 96) and
-# the fold tied; on fp32 checkpoints both lost 5-11 µs, so those keep their rows in registers.
-STAGED_ROWS = {2: True, 4: False}
 # Staged rows: the pad after each row in shared memory, in bytes, by state dtype size. A
 # quarter warp's 16-byte reads take two rows (quads g and g + 1): a bf16 quad reads 64
 # contiguous bytes of its row, an fp32 one 16 bytes every 32; the pad puts the second row's
@@ -76,7 +71,10 @@ def staged_row_stride(kernel) -> int:
 
 
 def stages_rows(kernel) -> bool:
-    return STAGED_ROWS[16 // kernel.vec]
+    """Whether the CTA's checkpoint rows go to shared memory by cp.async (else each thread
+    loads its groups into registers): the constructor's `staged_rows`, which the dispatch
+    chooses (heuristics.spec_stages_rows)."""
+    return kernel.staged_rows
 
 
 def staged_rows_bytes(kernel) -> int:
@@ -172,8 +170,9 @@ class ReplaySSMSpecVerifyMMA(ReplaySSMSpecVerify):
 
     lanes_per_row = MMA_LANES_PER_ROW
 
-    def __init__(self, **options):
+    def __init__(self, *, staged_rows: bool = False, **options):
         super().__init__(**options)
+        self.staged_rows = staged_rows
         assert 1 <= self.T <= MAX_TOKENS and self.K == 128 and self.rows_per_thread % 2 == 0
         self.warp_rows = MMA_ROWS * self.rows_per_thread // 2
         assert self.rows_per_cta % self.warp_rows == 0
@@ -458,8 +457,9 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
 
     lanes_per_row = MMA_LANES_PER_ROW
 
-    def __init__(self, **options):
+    def __init__(self, *, staged_rows: bool = False, **options):
         super().__init__(**options)
+        self.staged_rows = staged_rows
         assert self.K == 128 and self.rows_per_thread % 2 == 0
         self.warp_rows = MMA_ROWS * self.rows_per_thread // 2
         assert self.rows_per_cta % self.warp_rows == 0
