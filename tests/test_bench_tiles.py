@@ -86,11 +86,12 @@ def test_a_replayssm_row_prints_its_own_copy_and_the_classic_steps_beside_it():
         "| own_copy  0.60x | classic  1.05x | sglang_classic  1.10x")
 
 
-def test_a_forced_tile_reaches_the_spec_rings_verify_and_fold_configurations():
+def spec_calls(layers=1, state_dtype=torch.float32):
+    """A validated spec verify and fold of two requests, T = 4."""
     from gdn_backend.replayssm_spec import _validate_fold, _validate_verify
     from gdn_backend.testing import SpecRing
 
-    ring = SpecRing(8, 4, 16, 32, layers=2)
+    ring = SpecRing(8, 4, 16, 32, layers=layers, state_dtype=state_dtype)
     q, k, v, a, b, cu = ring.window([4, 4])
     two = torch.tensor([1, 2], dtype=torch.int32)
     vc = _validate_verify(q, k, v, a, b, ring.A_log, ring.dt_bias, ring.checkpoint[0],
@@ -98,6 +99,11 @@ def test_a_forced_tile_reaches_the_spec_rings_verify_and_fold_configurations():
                           1.0, 0)
     fc = _validate_fold(ring.checkpoint, *ring.rings(None), two, two, *ring.cursors, two,
                         None, None)
+    return vc, fc
+
+
+def test_a_forced_tile_reaches_the_spec_rings_verify_and_fold_configurations():
+    vc, fc = spec_calls(layers=2)
     with tiles.forced_tile(Tile(rows_per_cta=16, rows_per_thread=1)):
         verify, (fold, _) = launch.spec_verify_config(vc), launch.spec_fold_configs(fc)
     for cfg in (verify, fold):
@@ -121,17 +127,7 @@ def test_a_spec_row_prints_its_verify_and_baseline_beside_it():
     (torch.bfloat16, False, False), (torch.float32, True, True)])
 def test_the_spec_rings_tensor_core_kernels_stage_rows_by_the_dtype_unless_a_tile_says(
         state_dtype, staged_rows, staged):
-    from gdn_backend.replayssm_spec import _validate_fold, _validate_verify
-    from gdn_backend.testing import SpecRing
-
-    ring = SpecRing(8, 4, 16, 32, layers=1, state_dtype=state_dtype)
-    q, k, v, a, b, cu = ring.window([4, 4])
-    two = torch.tensor([1, 2], dtype=torch.int32)
-    vc = _validate_verify(q, k, v, a, b, ring.A_log, ring.dt_bias, ring.checkpoint[0],
-                          *ring.rings(0), cu, two, two, *ring.cursors, torch.empty_like(v), 4,
-                          1.0, 0)
-    fc = _validate_fold(ring.checkpoint, *ring.rings(None), two, two, *ring.cursors, two,
-                        None, None)
+    vc, fc = spec_calls(state_dtype=state_dtype)
     with tiles.forced_tile(Tile(64, 2, tensor_cores=True, staged_rows=staged_rows)):
         verify, (fold, finish) = launch.spec_verify_config(vc), launch.spec_fold_configs(fc)
     assert verify.staged_rows == fold.staged_rows == staged
