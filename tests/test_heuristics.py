@@ -90,12 +90,12 @@ def test_verify_on_an_fp32_pool_and_per_token_slots_never_take_tensor_cores():
 
 def test_the_tensor_core_kernel_serves_bf16_pools_up_to_four_tokens_in_one_slot_a_request():
     assert serves(MMA, 4, BF16) and serves(MMA_WIDE, 1, BF16)
-    assert serves(MMA_WIDE, 2, BF16, intermediate=True)
+    assert serves(MMA_WIDE, 2, BF16)
     assert not serves(MMA, 4, FP32)
     assert not serves(MMA, 5, BF16)
     assert not serves(MMA, 2, BF16, per_token_slots=True)
     assert not serves(MMA, 2, BF16, ragged=True)
-    assert serves(LARGE, 8, FP32, intermediate=True)
+    assert serves(LARGE, 8, FP32)
 
 
 @pytest.mark.parametrize("heads", [4, 8, 32])

@@ -127,8 +127,8 @@ def time_cell(cell: Cell, peers: dict, replays: int, tiles=()) -> dict:
         if "sglang_us" in peers:
             row["sglang_classic_us"] = time_graph(sglang.packed_decode(cell), cell.sets, replays)
     for tile in tiles:
-        if serves(tile, cell.T, cell.pool.element_size(), cell.inter is not None,
-                  cell.mode == "slots", cell.mode == "ragged"):
+        if serves(tile, cell.T, cell.pool.element_size(), cell.mode == "slots",
+                  cell.mode == "ragged"):
             with forced_tile(tile):
                 row.setdefault("tile_us", {})[tile_name(tile)] = time_graph(
                     cell.ours, cell.sets, replays)

@@ -86,10 +86,10 @@ TILES = (WIDE, LARGE, TINY, MMA, MMA_WIDE)
 RING_WIDE_FROM_HEADS = 512
 
 
-def serves(tile: Tile, tokens: int, state_bytes: int, intermediate: bool = False,
-           per_token_slots: bool = False, ragged: bool = False) -> bool:
+def serves(tile: Tile, tokens: int, state_bytes: int, per_token_slots: bool = False,
+           ragged: bool = False) -> bool:
     """Whether `tile`'s kernel can run this call: the tensor-core one takes bf16 pools, T <= 4,
-    one slot a request and rows of equal length."""
+    one slot a request and rows of equal length (with or without intermediate states)."""
     return not tile.tensor_cores or (state_bytes == 2 and tokens in MMA_TOKENS
                                      and not (per_token_slots or ragged))
 
@@ -116,13 +116,13 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
             and num_v_heads <= FINE_VERIFY_MAX_V_HEADS):
         return TINY
     if (intermediate and num_v_heads <= FINE_VERIFY_MAX_V_HEADS
-            and serves(MMA, tokens, state_bytes, intermediate, per_token_slots, ragged)):
+            and serves(MMA, tokens, state_bytes, per_token_slots, ragged)):
         two_from, up_to, wide_up_to = MMA_VERIFY_HEADS
         if heads <= up_to and (tokens > 2 or heads > two_from):
             return MMA
         if tokens == 2 and up_to < heads <= wide_up_to:
             return MMA_WIDE
-    if tokens in (3, 4) and not intermediate and serves(MMA, tokens, state_bytes, intermediate,
+    if tokens in (3, 4) and not intermediate and serves(MMA, tokens, state_bytes,
                                                         per_token_slots, ragged):
         return MMA_WIDE if heads * (head_v_dim // MMA_WIDE.rows_per_cta) >= 2 * NUM_SMS else MMA
     return LARGE
