@@ -450,10 +450,13 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
     """The commit's fold on tensor cores, in closed form: a marked row's checkpoint becomes
     S_W = e^Γ S0 + Σ_c λ_c d_c κ_cᵀ, and a snapshot after t records S_t the same over the
     first t (its own weights), both from the checkpoint as loaded. The rank-W update is
-    decode_mma.py's step 4 with records for tokens: per 16 rows and 8 columns, one MMA per
-    four records, whose K dimension pairs (λd high, λd low) of lane c's record 4q + c with
-    that record's (κ high, κ low); the accumulator lands on the lane's own columns, so each
-    new row is e^Γ S0 + D in the registers it was read into."""
+    decode_mma.py's step 4 with records for tokens: per 16 rows and 8 columns, two MMAs per
+    eight records. Lane c's K places 2c, 2c + 1 hold record 8p + c's (κ high, κ low) and
+    places 2c + 8, 2c + 9 record 8p + 4 + c's, against λd high twice in one MMA and λd low
+    twice in the other; the two key words of a lane's B operand are distinct and lie side
+    by side in shared memory, so they load straight into the register pair the MMA reads
+    (the same word twice took a register move or two an MMA). The accumulator lands on the
+    lane's own columns, so each new row is e^Γ S0 + D in the registers it was read into."""
 
     lanes_per_row = MMA_LANES_PER_ROW
 
@@ -463,19 +466,22 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
         assert self.K == 128 and self.rows_per_thread % 2 == 0
         self.warp_rows = MMA_ROWS * self.rows_per_thread // 2
         assert self.rows_per_cta % self.warp_rows == 0
-        # k-blocks of the update: four records each, lane c's the c-th of each.
-        self.record_blocks = -(-self.L // 4)
+        # Pairs of k-blocks of the update, eight records each; record_blocks counts the
+        # blocks of four (lane c's records 4q + c), as the records' d are loaded.
+        self.record_pairs = -(-self.L // 8)
+        self.record_blocks = 2 * self.record_pairs
 
     def thread_rows(self, tidx: Int32, tile):
         return quad_rows(self, tidx, tile)
 
     def key_words_layout(self):
-        """sKeys[b, g, j, c]: record c's (κ high, κ low) at the column that lane (g, ·)
-        supplies to the MMA of n-tile (j, b), 8 (4j + g / 2) + 2b + g % 2 (decode_mma.py's
-        step 4), so that a lane reads its four b of one j in one 16-byte load."""
+        """sKeys[e, b, g, j, 4p + c]: record 8p + 4e + c's (κ high, κ low) at the column that
+        lane (g, c) supplies to the MMAs of n-tile (j, b), 8 (4j + g / 2) + 2b + g % 2
+        (decode_mma.py's step 4): a lane's B operands for its four b of one j and one pair of
+        blocks are 8 consecutive words, two 16-byte loads."""
         groups = self.K // (GROUP * MMA_LANES_PER_ROW)
-        return cute.make_layout((4, 8, groups, 4 * self.record_blocks),
-                                stride=(1, 4, 32, 32 * groups))
+        return cute.make_layout((2, 4, 8, groups, 4 * self.record_pairs),
+                                stride=(1, 2, 8, 64, 64 * groups))
 
     def smem_bytes(self) -> int:
         return 4 * self.record_blocks * self.K * 4 + staged_rows_bytes(self) + 64
@@ -545,30 +551,38 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
 
     @cute.jit
     def stage_key_words(self, ring_k, ring_k_low, sKeys, row, h, tidx, held, base):
-        """Every record place's key words into sKeys, 4 columns a thread at a time (zero
-        from W on: they meet zero weights in the MMA, and must not be NaN)."""
-        groups = self.K // 4
-        places = 4 * self.record_blocks
-        for i in cutlass.range_constexpr(-(-places * groups // self.threads)):
+        """Every record place's key words into sKeys (zero from W on: they meet zero weights
+        in the MMA, and must not be NaN). A task is one slot's two records at the 8 columns
+        8 (4j + q) .. + 7: a 16-byte load of each record's κ high and low parts, then the 8
+        consecutive words of each of the two g those columns feed (2q and 2q + 1)."""
+        groups = self.K // (GROUP * MMA_LANES_PER_ROW)
+        tasks = 4 * self.record_pairs * groups * 4
+        # A loop, not unrolled: where a thread takes several tasks (64-thread CTAs), unrolled
+        # iterations overlapped and spilled.
+        for i in cutlass.range(-(-tasks // self.threads), unroll=1):
             task = tidx + self.threads * i
-            if task < places * groups:
-                c, q4 = task // groups, task % groups
-                high = cute.make_rmem_tensor((4,), BFloat16)
-                low = cute.make_rmem_tensor((4,), BFloat16)
-                high.fill(0.0)
-                low.fill(0.0)
-                if c < held:
-                    p = (base + c) & (self.L - 1)
-                    cute.autovec_copy(cute.local_tile(ring_k[row, h, p, None], (4,), (q4,)), high)
-                    cute.autovec_copy(cute.local_tile(ring_k_low[row, h, p, None], (4,), (q4,)),
-                                      low)
-                for e in cutlass.range_constexpr(4):
-                    col = 4 * q4 + e
-                    pair = cute.make_rmem_tensor((2,), BFloat16)
-                    pair[0] = high[e]
-                    pair[1] = low[e]
-                    sKeys[col % 8 // 2, col // 8 % 4 * 2 + col % 2, col // 32, c] = \
-                        cute.recast_tensor(pair, Int32)[0]
+            if task < tasks:
+                # q fastest: a warp's loads cover whole key rows.
+                q, j, slot = task % 4, task // 4 % groups, task // (4 * groups)
+                parts = cute.make_rmem_tensor((GROUP, 2, 2), BFloat16)  # column, part, record
+                parts.fill(0.0)
+                for e in cutlass.range_constexpr(2):
+                    c = slot // 4 * 8 + 4 * e + slot % 4
+                    if c < held:
+                        p = (base + c) & (self.L - 1)
+                        for part, ring in ((0, ring_k), (1, ring_k_low)):
+                            cute.autovec_copy(cute.local_tile(ring[row, h, p, None], (GROUP,),
+                                                              (4 * j + q,)),
+                                              parts[None, part, e])
+                for g2 in cutlass.range_constexpr(2):
+                    words = cute.make_rmem_tensor((2, 4), Int32)
+                    for e in cutlass.range_constexpr(2):
+                        for b in cutlass.range_constexpr(4):
+                            pair = cute.make_rmem_tensor((2,), BFloat16)
+                            pair[0] = parts[2 * b + g2, 0, e]
+                            pair[1] = parts[2 * b + g2, 1, e]
+                            words[e, b] = cute.recast_tensor(pair, Int32)[0]
+                    cute.autovec_copy(words, sKeys[None, None, 2 * q + g2, j, slot])
 
     @cute.jit
     def store_update(self, held_rows, sState, local, d, weight, total, sKeys, dst, lane,
@@ -578,32 +592,34 @@ class ReplaySSMSpecFoldMMA(ReplaySSMSpecFold):
         R = self.rows_per_thread
         g = warp_lane // 4
         decay = Float32(cute.math.exp(total))
-        # A per k-block q and 16-row block m: (high, high) and (low, low) of λ d, rows
-        # g + 16m and g + 16m + 8 (decode_mma.py's step 4).
+        # A per pair of k-blocks p, 16-row block m and part: λ d of rows g + 16m and
+        # g + 16m + 8 for record 8p + c, then for record 8p + 4 + c, each twice; bf16 high
+        # parts in the first MMA, low parts in the second.
         a = []
-        for q in cutlass.range_constexpr(self.record_blocks):
-            lam = cute.arch.shuffle_sync(weight, 4 * q + lane)
+        for p in cutlass.range_constexpr(self.record_pairs):
+            lam = [cute.arch.shuffle_sync(weight, 4 * (2 * p + e) + lane) for e in range(2)]
             per_block = []
             for m in cutlass.range_constexpr(R // 2):
-                y = [lam * d[q, 2 * m + i] for i in range(2)]
-                per_block.append((bf16_pair(y[0], y[0]), bf16_pair(y[1], y[1]),
-                                  bf16_pair(bf16_residual(y[0]), bf16_residual(y[0])),
-                                  bf16_pair(bf16_residual(y[1]), bf16_residual(y[1]))))
+                y = [lam[e] * d[2 * p + e, 2 * m + i] for e in range(2) for i in range(2)]
+                per_block.append((tuple(bf16_pair(x, x) for x in y),
+                                  tuple(bf16_pair(bf16_residual(x), bf16_residual(x))
+                                        for x in y)))
             a.append(per_block)
         groups = self.K // (GROUP * MMA_LANES_PER_ROW)
         for j in cutlass.range_constexpr(groups):
             keys = []
-            for q in cutlass.range_constexpr(self.record_blocks):
-                words = cute.make_rmem_tensor((4,), Int32)
-                cute.autovec_copy(sKeys[None, g, j, 4 * q + lane], words)
+            for p in cutlass.range_constexpr(self.record_pairs):
+                words = cute.make_rmem_tensor((2, 4), Int32)
+                cute.autovec_copy(sKeys[None, None, g, j, 4 * p + lane], words)
                 keys.append(words)
             raw = row_groups(held_rows, sState, local, j, lane)
             new = cute.make_rmem_tensor((GROUP, R), Float32)
             for b in cutlass.range_constexpr(4):
                 for m in cutlass.range_constexpr(R // 2):
                     acc = [Float32(0.0)] * 4
-                    for q in cutlass.range_constexpr(self.record_blocks):
-                        acc = mma_bf16(a[q][m], (keys[q][b], keys[q][b]), acc)
+                    for p in cutlass.range_constexpr(self.record_pairs):
+                        for part in cutlass.range_constexpr(2):
+                            acc = mma_bf16(a[p][m][part], (keys[p][0, b], keys[p][1, b]), acc)
                     for i in cutlass.range_constexpr(2):
                         for e in cutlass.range_constexpr(2):
                             x = 2 * b + e
