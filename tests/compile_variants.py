@@ -17,8 +17,9 @@ import torch
 
 def variants() -> dict:
     from gdn_backend.kernels.compile import KernelConfig
-    from gdn_backend.kernels.heuristics import (SPEC_MMA, SPEC_MMA_SMALL, SPEC_STAGED_ROWS, TILES,
-                                                ring_tiles_for, spec_tiles_for, tiles_for)
+    from gdn_backend.kernels.heuristics import (SPEC_MMA, SPEC_MMA_SMALL, TILES,
+                                                ring_tiles_for, spec_stages_rows,
+                                                spec_tiles_for, tiles_for)
 
     out = {}
     for state in (torch.float32, torch.bfloat16):
@@ -88,8 +89,10 @@ def variants() -> dict:
         # tile, the fold with and without snapshots, the cursor reset.
         spec = replace(base, ring_len=16, ring_dtype=torch.bfloat16,
                        row_index_dtype=torch.int64)
-        # The tensor-core kernels with their checkpoint rows where the dispatch puts them.
-        spec_mma = replace(spec, tensor_cores=True, staged_rows=SPEC_STAGED_ROWS[state.itemsize])
+        # The tensor-core kernels with their checkpoint rows where the dispatch puts them at
+        # large batches.
+        spec_mma = replace(spec, tensor_cores=True,
+                           staged_rows=spec_stages_rows(state.itemsize, heads=4096))
         for tile in dict.fromkeys(t for hv in (4, 32)
                                   for t in spec_tiles_for(hv, 128, state.itemsize)):
             for T in (2, 3, 4, 8):
@@ -126,7 +129,8 @@ def variants() -> dict:
             spec_mma, tokens=4, rows_per_cta=64, rows_per_thread=2,
             spec="verify", ragged=True, update_state=False, row_index_dtype=torch.int32,
             ring_vectorized=False, state_vectorized=False)
-        # ... and with the other placement of the rows, which a forced tile can choose.
+        # ... and with the other placement of the rows, which small bf16 batches and forced
+        # tiles take.
         other = replace(spec_mma, staged_rows=not spec_mma.staged_rows, rows_per_cta=64,
                         rows_per_thread=2)
         rows = "registers" if spec_mma.staged_rows else "staged"

@@ -1,5 +1,7 @@
 """The tile choice: every SM busy at small batches, bytes in flight at large ones."""
 
+from dataclasses import replace
+
 import pytest
 
 from gdn_backend.kernels.heuristics import (LARGE, MMA, MMA_WIDE, NUM_SMS, TINY, WIDE, choose_tile,
@@ -154,12 +156,24 @@ def test_the_spec_verify_and_fold_take_64_row_tensor_core_tiles_past_the_small_g
 
     for batch, heads in ((256, 32), (16, 32), (16, 4), (64, 4)):
         for state_bytes in (2, 4):
-            assert choose_spec_fold_tile(batch, heads, 128, 128, state_bytes, True) == SPEC_MMA
+            fold = choose_spec_fold_tile(batch, heads, 128, 128, state_bytes, True)
+            assert replace(fold, staged_rows=None) == SPEC_MMA
             for tokens in (1, 2, 3, 4):
-                assert choose_spec_verify_tile(batch, heads, 128, 128, state_bytes, tokens,
-                                               True) == SPEC_MMA
+                verify = choose_spec_verify_tile(batch, heads, 128, 128, state_bytes, tokens, True)
+                assert replace(verify, staged_rows=None) == SPEC_MMA
     assert choose_spec_verify_tile(4, 4, 128, 128, 4, 4, True) == TINY
     assert choose_spec_fold_tile(4, 4, 128, 128, 4, True) == TINY
+
+
+def test_the_spec_rings_bf16_checkpoint_rows_stage_from_1024_heads_and_fp32_never():
+    from gdn_backend.kernels.heuristics import choose_spec_fold_tile, choose_spec_verify_tile
+
+    for batch, heads, staged in ((16, 32, False), (32, 32, True), (64, 4, False),
+                                 (256, 4, True)):
+        assert choose_spec_verify_tile(batch, heads, 128, 128, 2, 4, True).staged_rows is staged
+        assert choose_spec_fold_tile(batch, heads, 128, 128, 2, True).staged_rows is staged
+        assert not choose_spec_verify_tile(batch, heads, 128, 128, 4, 4, True).staged_rows
+        assert not choose_spec_fold_tile(batch, heads, 128, 128, 4, True).staged_rows
 
 
 @pytest.mark.parametrize("head_k_dim, head_v_dim, bf16_records, tokens", [

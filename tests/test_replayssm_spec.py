@@ -4,6 +4,8 @@ whole batch: the verify's outputs and appended records, the fold's checkpoints, 
 and cursors; padding, rows waiting for their fold and bad rows touch nothing; every bad
 argument is a clear error before anything is written."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -75,12 +77,15 @@ def test_verify_equals_the_reference(device, heads, state_dtype):
 
 
 SPEC_MMA_WIDE = Tile(rows_per_cta=128, rows_per_thread=2, tensor_cores=True)
+# The tensor-core tiles place their checkpoint rows as named: registers unless staged.
+SPEC_MMA_STAGED = replace(SPEC_MMA, staged_rows=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("tile", [TINY, LARGE, SPEC_WIDE, SPEC_MMA_SMALL, SPEC_MMA, SPEC_MMA_WIDE],
-                         ids=["8x1", "32x2", "64x2", "32x2tc", "64x2tc", "128x2tc"])
+@pytest.mark.parametrize("tile", [TINY, LARGE, SPEC_WIDE, SPEC_MMA_SMALL, SPEC_MMA, SPEC_MMA_STAGED,
+                                  SPEC_MMA_WIDE],
+                         ids=["8x1", "32x2", "64x2", "32x2tc", "64x2tc", "64x2tcs", "128x2tc"])
 def test_every_spec_tile_equals_the_reference(monkeypatch, tile, state_dtype):
     """Each tile the dispatch may choose, and the tensor-core ones, forced on one batch:
     verify, then the fold."""
@@ -109,13 +114,15 @@ def test_every_spec_tile_equals_the_reference(monkeypatch, tile, state_dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("tokens,ring_len", [(1, 16), (2, 16), (3, 8), (4, 32)])
+@pytest.mark.parametrize("tile", [SPEC_MMA, SPEC_MMA_STAGED], ids=["registers", "staged"])
 def test_the_tensor_core_verify_equals_the_reference_at_every_window_and_ring(
-        monkeypatch, tokens, ring_len, state_dtype):
+        monkeypatch, tile, tokens, ring_len, state_dtype):
     """Windows of 1 to 4 tokens, rings of 8 to 32 (two record blocks), a full ring, rows
-    shorter than the window, at TP8 (one key head for two value heads)."""
+    shorter than the window, at TP8 (one key head for two value heads); rows in registers
+    and staged."""
     from gdn_backend.kernels import launch
 
-    monkeypatch.setattr(launch, "choose_spec_verify_tile", lambda *shape: SPEC_MMA)
+    monkeypatch.setattr(launch, "choose_spec_verify_tile", lambda *shape: tile)
     ring = SpecRing(8, 6, *HEADS["tp8"], ring_len=ring_len, state_dtype=state_dtype,
                     device="cuda", seed=15 + tokens)
     ring.write_pos.copy_(indices([ring_len - 1, 0, ring_len // 2, ring_len, 1, 3], "cuda"))
@@ -237,7 +244,8 @@ def test_fold_equals_the_reference(device, state_dtype, track):
 @pytest.mark.parametrize("ring_len", [16, 32])
 @pytest.mark.parametrize("track", [False, True], ids=["fold", "fold+track"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("tile", [SPEC_MMA_SMALL, SPEC_MMA], ids=["32x2tc", "64x2tc"])
+@pytest.mark.parametrize("tile", [SPEC_MMA_SMALL, SPEC_MMA, SPEC_MMA_STAGED],
+                         ids=["32x2tc", "64x2tc", "64x2tcs"])
 def test_the_tensor_core_fold_equals_the_reference(monkeypatch, tile, state_dtype, track,
                                                    ring_len):
     from gdn_backend.kernels import launch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+from dataclasses import replace
 
 from ..kernels import launch
 from ..kernels.heuristics import LANES_PER_ROW, Tile
@@ -17,8 +18,8 @@ def parse_tile(text: str) -> Tile:
     """"RxT" -> Tile(R rows per CTA, T rows per thread), for a tile the kernel can build at V=128;
     "RxNtc": R rows per CTA, N a thread, on the tensor-core kernel (bf16 pools, T <= 4; the
     spec ring's verify, T <= 4, and fold); "RxNtcs" / "RxNtcr": the spec ring's tensor-core
-    kernels with their checkpoint rows staged in shared memory / in registers (else the
-    dtype's rule)."""
+    kernels with their checkpoint rows staged in shared memory / in registers (else where the
+    dispatch puts them)."""
     match = re.fullmatch(r"(\d+)x(\d+)(tc([sr])?)?", text)
     if not match:
         raise argparse.ArgumentTypeError(
@@ -48,13 +49,22 @@ def tile_name(tile: Tile) -> str:
 def forced_tile(tile: Tile):
     """Within: every decode launch (ReplaySSM's rings and the spec ring's too) takes `tile` in
     place of the dispatch's choice; a tensor-core tile only those with a tensor-core form (the
-    decode, the spec verify and fold)."""
+    decode, the spec verify and fold). A tensor-core tile that names no placement of the spec
+    ring's checkpoint rows keeps the dispatch's."""
     names = ("choose_tile", "choose_spec_verify_tile", "choose_spec_fold_tile")
     if not tile.tensor_cores:  # ReplaySSM decode has no tensor-core form: it keeps its own
         names += ("choose_ring_tile",)
     chosen = [getattr(launch, name) for name in names]
-    for name in names:
-        setattr(launch, name, lambda *shape, **options: tile)
+
+    def forcing(choose):
+        def forced(*shape, **options):
+            if not tile.tensor_cores or tile.staged_rows is not None:
+                return tile
+            return replace(tile, staged_rows=bool(choose(*shape, **options).staged_rows))
+        return forced
+
+    for name, choose in zip(names, chosen):
+        setattr(launch, name, forcing(choose))
     try:
         yield
     finally:

@@ -35,7 +35,7 @@ ReplaySSM decode has rules of its own (`choose_ring_tile`), and so does the spec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # H100 and H200: 132 SMs.
 NUM_SMS = 132
@@ -60,7 +60,7 @@ class Tile:
     rows_per_thread: int
     tensor_cores: bool = False   # decode_mma.py: rows_per_thread even, 8 x that a warp
     # The spec ring's tensor-core kernels: checkpoint rows staged in shared memory by
-    # cp.async (True) or loaded into registers (False); None: the pool dtype's rule
+    # cp.async (True) or loaded into registers (False); None: where the dispatch puts them
     # (`spec_stages_rows`). The other kernels ignore it.
     staged_rows: bool | None = None
 
@@ -181,18 +181,21 @@ def spec_tensor_cores(head_k_dim: int, head_v_dim: int, bf16_records: bool,
             and head_v_dim % SPEC_MMA.rows_per_cta == 0)
 
 
-# Whether the spec ring's tensor-core kernels stage a CTA's checkpoint rows in shared memory,
-# by state dtype size. H200 (docs/perf_log.md v14): staged, the bf16 verify at TP1 B = 256
-# took 138 µs against 157 (72 registers, not 96) and the fold tied; on fp32 checkpoints both
-# lost 5-11 µs, so those keep their rows in registers.
-SPEC_STAGED_ROWS = {2: True, 4: False}
+# Where the spec ring's tensor-core kernels keep a CTA's checkpoint rows: staged in shared
+# memory from this many heads (batch x HV) on pools of this element size, in registers below
+# it (None: always). H200 (docs/perf_log.md v16, one run, the verify alone): staged, the bf16
+# verify took 134.8 µs against 157.0 at TP1 B = 256 and 40.1 against 44.0 at B = 64 (72
+# registers, not 96), level at 1024 heads, but 10.3 against 8.4 at TP8 B = 64 (256 heads),
+# where fewer CTAs hide less of the cp.async round trip; fp32 checkpoints lost 1.2-10.3 µs
+# staged, at every batch. The fold is within 1 µs either way and follows the same rule.
+SPEC_STAGED_FROM_HEADS = {2: 1024, 4: None}
 
 
-def spec_stages_rows(tile: Tile, state_bytes: int) -> bool:
-    """Whether `tile` stages its checkpoint rows, on a pool of `state_bytes`-byte elements."""
-    if tile.staged_rows is None:
-        return SPEC_STAGED_ROWS[state_bytes]
-    return tile.staged_rows
+def spec_stages_rows(state_bytes: int, heads: int) -> bool:
+    """Whether the spec ring's tensor-core kernels stage their checkpoint rows, for `heads`
+    (batch x HV) heads of `state_bytes`-byte elements."""
+    start = SPEC_STAGED_FROM_HEADS[state_bytes]
+    return start is not None and heads >= start
 
 
 def choose_spec_verify_tile(batch: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
@@ -205,7 +208,7 @@ def choose_spec_verify_tile(batch: int, num_v_heads: int, head_k_dim: int, head_
     heads = batch * num_v_heads
     if (not latency_bound(heads, head_v_dim)
             and spec_tensor_cores(head_k_dim, head_v_dim, bf16_records, tokens)):
-        return SPEC_MMA
+        return replace(SPEC_MMA, staged_rows=spec_stages_rows(state_bytes, heads))
     return choose_spec_tile(batch, num_v_heads, head_v_dim, state_bytes)
 
 
@@ -215,9 +218,10 @@ def choose_spec_fold_tile(batch_layers: int, num_v_heads: int, head_k_dim: int,
     it serves (same sweep, the step less the verify: 0.78-0.93 of the CUDA-core fold's time at
     B = 64-256 on TP1; on TP8 and at B = 16 within 0.6 µs of it or faster), else
     `choose_spec_tile`'s."""
-    if (not latency_bound(batch_layers * num_v_heads, head_v_dim)
+    heads = batch_layers * num_v_heads
+    if (not latency_bound(heads, head_v_dim)
             and spec_tensor_cores(head_k_dim, head_v_dim, bf16_records)):
-        return SPEC_MMA
+        return replace(SPEC_MMA, staged_rows=spec_stages_rows(state_bytes, heads))
     return choose_spec_tile(batch_layers, num_v_heads, head_v_dim, state_bytes)
 
 

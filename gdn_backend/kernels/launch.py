@@ -15,7 +15,7 @@ import torch
 from ..validation import Call, Problem, RingCall, SpecFoldCall, SpecVerifyCall
 from . import compile as _compile
 from .heuristics import (TINY, choose_ring_tile, choose_spec_fold_tile, choose_spec_verify_tile,
-                         choose_tile, ring_tiles_for, spec_fold_tiles_for, spec_stages_rows,
+                         choose_tile, ring_tiles_for, spec_fold_tiles_for,
                          spec_verify_tiles_for, tiles_for)
 
 SUPPORTED_HEAD_DIMS = (128,)
@@ -110,17 +110,17 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
                           base.state_dtype.itemsize, base.intermediate is not None,
                           per_token_slots=base.per_token_slots, ragged=base.ragged)
     if base.spec:
-        return [replace(base, **spec_tile_fields(t, base.state_dtype.itemsize)) for t in tiles]
+        return [replace(base, **spec_tile_fields(t)) for t in tiles]
     return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread,
                     tensor_cores=t.tensor_cores) for t in tiles]
 
 
-def spec_tile_fields(tile, state_bytes: int) -> dict:
-    """A spec ring configuration's fields for `tile`: its shape, and the tensor-core
-    kernels' choice of staged checkpoint rows."""
+def spec_tile_fields(tile) -> dict:
+    """A spec ring configuration's fields for `tile`: its shape, and where the tensor-core
+    kernels keep their checkpoint rows."""
     return dict(rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
                 tensor_cores=tile.tensor_cores,
-                staged_rows=tile.tensor_cores and spec_stages_rows(tile, state_bytes))
+                staged_rows=tile.tensor_cores and bool(tile.staged_rows))
 
 
 def compile_ahead(base: _compile.KernelConfig, device: int) -> None:
@@ -163,7 +163,7 @@ def spec_verify_config(vc: SpecVerifyCall) -> _compile.KernelConfig:
                                    vc.call.state_pool.element_size(), p.tokens,
                                    rings.ring_d.dtype == torch.bfloat16)
     return replace(config_for(vc.call),
-                   **spec_tile_fields(tile, vc.call.state_pool.element_size()),
+                   **spec_tile_fields(tile),
                    ring_len=rings.ring_len, ring_dtype=rings.ring_d.dtype, spec="verify",
                    row_index_dtype=rings.rows.dtype,
                    ring_vectorized=_spec_rings_vectorized(rings))
@@ -193,7 +193,7 @@ def spec_fold_configs(fc: SpecFoldCall) -> tuple[_compile.KernelConfig, _compile
         qkv_dtype=rings.ring_d.dtype, gate_dtype=torch.float32, A_log_dtype=torch.float32,
         dt_bias_dtype=torch.float32, state_dtype=fc.checkpoint.dtype,
         index_dtype=fc.state_indices.dtype,
-        **spec_tile_fields(tile, fc.checkpoint.element_size()),
+        **spec_tile_fields(tile),
         state_vectorized=_aligned(fc.checkpoint, vec, fc.checkpoint.stride()[:2]),
         use_pdl=_compile.USE_PDL, ring_len=rings.ring_len, ring_dtype=rings.ring_d.dtype,
         ring_vectorized=_spec_rings_vectorized(rings), spec="fold",
