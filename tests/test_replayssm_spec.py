@@ -279,6 +279,40 @@ def check_fold(device, state_dtype, track, ring_len=16):
         assert torch.equal(now.cpu(), then)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("tile", [TINY, LARGE, SPEC_MMA, SPEC_MMA_STAGED],
+                         ids=["8x1", "32x2", "64x2tc", "64x2tcs"])
+def test_the_fold_of_a_large_batch_in_two_layers_equals_the_reference(monkeypatch, tile,
+                                                                       state_dtype):
+    """300 requests in two layers, more than a wave of CTAs and more than a fold CTA has
+    threads; padding and rows folding or not throughout. Only the folded slots change."""
+    from gdn_backend.kernels import launch
+
+    monkeypatch.setattr(launch, "choose_spec_fold_tile", lambda *shape: tile)
+    B = 300
+    ring = SpecRing(B + 1, B, ring_len=16, layers=2, state_dtype=state_dtype, device="cuda",
+                    seed=21)
+    gen = torch.Generator().manual_seed(22)
+    ring.write_pos.copy_(torch.randint(1, 17, (B,), generator=gen, dtype=torch.int32))
+    flush = torch.rand(B, generator=gen) < 0.6
+    ring.is_flush.copy_(flush.to(torch.int8))
+    slots = (torch.randperm(B, generator=gen) + 1).to(torch.int32)
+    slots[::37] = -1
+    rows = torch.randperm(B, generator=gen).to(torch.int32)
+    accept = torch.randint(1, 5, (B,), generator=gen, dtype=torch.int32)
+    args = [t.cuda() for t in (slots, rows, accept)]
+    before = ring.checkpoint.cpu().clone()
+    ref = fold_reference(ring, *args)
+    fold(ring, *args)
+    assert relative_error(ring.checkpoint.cpu(), ref.checkpoint) < STATE_TOL[state_dtype]
+    changed = (ring.checkpoint.cpu() != before).flatten(2).any(-1).all(0)
+    folded = slots[(slots >= 0) & flush[rows.long()]]
+    assert changed.nonzero().flatten().tolist() == sorted(folded.tolist())
+    for now, then in zip(ring.cursors, ref.cursors):
+        assert torch.equal(now.cpu(), then)
+
+
 def test_fold_bad_requests_set_the_flag_and_keep_their_records(device):
     ring = SpecRing(4, 3, layers=2, device=device, seed=6)
     ring.write_pos.copy_(indices([5, 6, 4], device))
