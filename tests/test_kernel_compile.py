@@ -137,8 +137,8 @@ def test_the_tensor_core_fold_reads_its_rows_whole(ptx_dir, name):
 
 def assert_rows_read_whole(cfg, ptx: str) -> None:
     """Where the pool is 16-byte aligned, the CTA's checkpoint rows are read 16 bytes at a
-    time: staged into shared memory by cp.async (bf16 ones, as dispatched) or loaded into
-    registers (fp32 ones)."""
+    time: staged into shared memory by cp.async or loaded into registers, as the
+    configuration places them (the dispatch stages bf16 rows from 1024 heads, never fp32 ones)."""
     threads = cfg.rows_per_cta // cfg.rows_per_thread * 4
     vectors = cfg.rows_per_cta * cfg.head_k_dim * cfg.state_dtype.itemsize // 16 // threads
     staged = cfg.staged_rows
