@@ -269,12 +269,19 @@ def check_fold(device, state_dtype, track, ring_len=16):
     if track:  # after all of a row's records, 6 of 9, none (1 - 2 + 0 + 1)
         tracks, steps = indices([8, -1, 9, 6, 0, 4]), indices([1, 0, 0, 0, 0, -1])
     args = [None if t is None else t.to(device) for t in (slots, rows, accept, tracks, steps)]
+    check_fold_against_the_reference(ring, args, state_dtype,
+                                     {3, 7, 1, 5} | ({8, 9, 6, 0} if track else set()))
+
+
+def check_fold_against_the_reference(ring, args, state_dtype, folded):
+    """Fold `ring` with `args` (slots, rows, accept[, track, steps]): the checkpoints equal the
+    reference's, only the slots in `folded` change (in every layer), the cursors equal."""
     before = ring.checkpoint.cpu().clone()
     ref = fold_reference(ring, *args)
     fold(ring, *args)
     assert relative_error(ring.checkpoint.cpu(), ref.checkpoint) < STATE_TOL[state_dtype]
     changed = (ring.checkpoint.cpu() != before).flatten(2).any(-1).all(0)
-    assert changed.nonzero().flatten().tolist() == sorted({3, 7, 1, 5} | ({8, 9, 6, 0} if track else set()))
+    assert changed.nonzero().flatten().tolist() == sorted(folded)
     for now, then in zip(ring.cursors, ref.cursors):
         assert torch.equal(now.cpu(), then)
 
@@ -285,8 +292,8 @@ def check_fold(device, state_dtype, track, ring_len=16):
                          ids=["8x1", "32x2", "64x2tc", "64x2tcs"])
 def test_the_fold_of_a_large_batch_in_two_layers_equals_the_reference(monkeypatch, tile,
                                                                        state_dtype):
-    """300 requests in two layers, more than a wave of CTAs and more than a fold CTA has
-    threads; padding and rows folding or not throughout. Only the folded slots change."""
+    """300 requests in two layers (several waves of CTAs at every tile), padding and rows
+    folding or not throughout. Only the folded slots change."""
     from gdn_backend.kernels import launch
 
     monkeypatch.setattr(launch, "choose_spec_fold_tile", lambda *shape: tile)
@@ -301,16 +308,9 @@ def test_the_fold_of_a_large_batch_in_two_layers_equals_the_reference(monkeypatc
     slots[::37] = -1
     rows = torch.randperm(B, generator=gen).to(torch.int32)
     accept = torch.randint(1, 5, (B,), generator=gen, dtype=torch.int32)
-    args = [t.cuda() for t in (slots, rows, accept)]
-    before = ring.checkpoint.cpu().clone()
-    ref = fold_reference(ring, *args)
-    fold(ring, *args)
-    assert relative_error(ring.checkpoint.cpu(), ref.checkpoint) < STATE_TOL[state_dtype]
-    changed = (ring.checkpoint.cpu() != before).flatten(2).any(-1).all(0)
-    folded = slots[(slots >= 0) & flush[rows.long()]]
-    assert changed.nonzero().flatten().tolist() == sorted(folded.tolist())
-    for now, then in zip(ring.cursors, ref.cursors):
-        assert torch.equal(now.cpu(), then)
+    folded = slots[(slots >= 0) & flush[rows.long()]].tolist()
+    check_fold_against_the_reference(ring, [t.cuda() for t in (slots, rows, accept)],
+                                     state_dtype, folded)
 
 
 def test_fold_bad_requests_set_the_flag_and_keep_their_records(device):
