@@ -17,8 +17,8 @@ import torch
 
 def variants() -> dict:
     from gdn_backend.kernels.compile import KernelConfig
-    from gdn_backend.kernels.heuristics import (SPEC_MMA, SPEC_MMA_SMALL, TILES,
-                                                ring_tiles_for, spec_stages_rows,
+    from gdn_backend.kernels.heuristics import (LARGE, RING_WIDE, SPEC_MMA, SPEC_MMA_SMALL,
+                                                TILES, ring_tiles_for, spec_stages_rows,
                                                 spec_tiles_for, tiles_for)
 
     out = {}
@@ -77,14 +77,28 @@ def variants() -> dict:
         out[f"{s}_fp32_qkv"] = replace(base, qkv_dtype=torch.float32, gate_dtype=torch.float32)
         out[f"{s}_unaligned"] = replace(base, tokens=2, qkv_vectorized=False, state_vectorized=False)
         out[f"{s}_no_pdl"] = replace(base, use_pdl=False)
-        # ReplaySSM decode at each tile T = 1 takes, SGLang's ring of 16, and odd rings.
-        for tile in dict.fromkeys(t for hv in (4, 32) for t in ring_tiles_for(hv, 128)):
-            out[f"{s}_replayssm{tile.rows_per_cta}x{tile.rows_per_thread}"] = replace(
+        # ReplaySSM decode at each tile T = 1 takes, with either form of the flush at the
+        # 32- and 64-row ones (the dispatch's and the sweep's), SGLang's ring of 16, and odd
+        # rings.
+        ring_tiles = [t for hv in (4, 32) for t in ring_tiles_for(hv, 128, s == "bf16")]
+        ring_tiles += [replace(t, flush_mma=on) for t in (LARGE, RING_WIDE)
+                       for on in (False, s == "bf16")]
+        for tile in dict.fromkeys(replace(t, flush_mma=bool(t.flush_mma)) for t in ring_tiles):
+            name = f"{s}_replayssm{tile.rows_per_cta}x{tile.rows_per_thread}"
+            out[name + ("_mma_flush" if tile.flush_mma else "")] = replace(
                 base, rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
-                ring_len=16, ring_dtype=state, force_flush=True)
-        out[f"{s}_replayssm_L1"] = replace(base, ring_len=1, ring_dtype=state)
+                ring_len=16, ring_dtype=state, force_flush=True, flush_mma=tile.flush_mma)
+        # Odd rings (bf16: on the tensor-core flush, whose K pads to 16 and 32 places).
+        bf16_flush = s == "bf16"
+        out[f"{s}_replayssm_L1"] = replace(base, ring_len=1, ring_dtype=state,
+                                           flush_mma=bf16_flush)
         out[f"{s}_replayssm_L32_unaligned"] = replace(
-            base, ring_len=32, ring_dtype=state, ring_vectorized=False, state_vectorized=False)
+            base, ring_len=32, ring_dtype=state, ring_vectorized=False, state_vectorized=False,
+            flush_mma=bf16_flush)
+        if state == torch.float32:  # bf16 records beside fp32 checkpoints
+            out["f32_replayssm64x4_bf16_rings_mma_flush"] = replace(
+                base, rows_per_cta=64, rows_per_thread=4, ring_len=16,
+                ring_dtype=torch.bfloat16, flush_mma=True)
         # The spec ring (bf16 records, int64 request rows): the verify at each window and
         # tile, the fold with and without snapshots, the cursor reset.
         spec = replace(base, ring_len=16, ring_dtype=torch.bfloat16,

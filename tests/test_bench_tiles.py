@@ -27,8 +27,15 @@ def test_a_tensor_core_tile_ends_in_tc():
     assert Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True).threads == 128
 
 
+def test_a_replayssm_tile_ending_in_m_or_c_flushes_on_tensor_or_cuda_cores():
+    assert tiles.parse_tile("64x4m") == Tile(64, 4, flush_mma=True)
+    assert tiles.parse_tile("32x2c") == Tile(32, 2, flush_mma=False)
+    assert tiles.tile_name(tiles.parse_tile("64x4m")) == "64x4m"
+    assert tiles.tile_name(tiles.parse_tile("64x4c")) == "64x4c"
+
+
 @pytest.mark.parametrize("text", ["32", "32x", "x4", "48x1", "256x4", "32x3", "8x8", "0x1",
-                                  "8x2tc", "32x3tc", "16x4tc", "32x2t"])
+                                  "8x2tc", "32x3tc", "16x4tc", "32x2t", "64x2tcm", "64x4mc"])
 def test_a_tile_the_kernel_cannot_build_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="tile"):
         tiles.parse_tile(text)
@@ -57,19 +64,43 @@ def test_a_forced_tile_reaches_the_kernel_configuration_and_is_undone_after():
     assert (cfg.rows_per_cta, cfg.rows_per_thread) == (dispatch.rows_per_cta, dispatch.rows_per_thread)
 
 
-def test_a_forced_tile_reaches_the_replayssm_configuration_too():
+def ring_call(batch, state_dtype):
     from gdn_backend.testing import RingPool
     from gdn_backend.validation import validate_rings
 
-    pool = RingPool(8, 16, 32)
-    q, k, v, a, b = pool.tokens(4)
+    pool = RingPool(batch, 16, 32, state_dtype=state_dtype)
+    q, k, v, a, b = pool.tokens(batch)
     call = validate(q, k, v, a, b, pool.A_log, pool.dt_bias, pool.checkpoint,
-                    torch.arange(4, dtype=torch.int32), torch.empty_like(v), scale=1.0,
+                    torch.arange(batch, dtype=torch.int32), torch.empty_like(v), scale=1.0,
                     min_valid_slot=0)
-    rc = validate_rings(call, *pool.rings, torch.zeros(4, dtype=torch.int32), None)
+    return validate_rings(call, *pool.rings, torch.zeros(batch, dtype=torch.int32), None)
+
+
+def test_a_forced_tile_reaches_the_replayssm_configuration_too():
     with tiles.forced_tile(Tile(rows_per_cta=16, rows_per_thread=2)):
-        cfg = launch.replayssm_config(rc)
+        cfg = launch.replayssm_config(ring_call(4, torch.float32))
     assert (cfg.rows_per_cta, cfg.rows_per_thread, cfg.ring_len) == (16, 2, 16)
+
+
+@pytest.mark.parametrize("state_dtype, flush_mma", [(torch.bfloat16, True),
+                                                    (torch.float32, False)])
+def test_a_replayssm_flush_form_follows_the_dispatch_unless_the_tile_names_one(
+        state_dtype, flush_mma):
+    rc = ring_call(64, state_dtype)  # 2048 heads
+    assert launch.replayssm_config(rc).flush_mma is flush_mma
+    with tiles.forced_tile(tiles.parse_tile("64x4")):
+        assert launch.replayssm_config(rc).flush_mma is flush_mma
+    named = ["64x4c"] + (["64x4m"] if flush_mma else [])
+    for text in named:
+        with tiles.forced_tile(tiles.parse_tile(text)):
+            cfg = launch.replayssm_config(rc)
+        assert (cfg.rows_per_cta, cfg.rows_per_thread, cfg.flush_mma) == (64, 4, text[-1] == "m")
+
+
+def test_a_forced_tensor_core_flush_on_fp32_rings_is_refused():
+    with tiles.forced_tile(tiles.parse_tile("64x4m")):
+        with pytest.raises(ValueError, match="bf16 rings"):
+            launch.replayssm_config(ring_call(64, torch.float32))
 
 
 def test_each_swept_tile_is_printed_as_its_time_over_the_copy():

@@ -142,6 +142,40 @@ def test_the_fine_verify_tile_stays_where_it_was_measured(batch, heads, tokens, 
     assert choose_tile(batch, heads, 128, tokens, state_bytes, **options) == LARGE
 
 
+@pytest.mark.parametrize("batch, heads, bf16_records, flush_mma", [
+    (32, 32, True, True), (256, 32, True, True), (256, 4, True, True), (4096, 4, True, True),
+    (16, 32, True, False), (128, 4, True, False), (32, 4, True, False),  # 512 heads and below
+    (256, 32, False, False), (4096, 4, False, False),
+])
+def test_a_replayssm_flush_runs_on_tensor_cores_for_bf16_records_from_1024_heads(
+        batch, heads, bf16_records, flush_mma):
+    from gdn_backend.kernels.heuristics import choose_ring_tile, ring_serves
+
+    tile = choose_ring_tile(batch, heads, 128, bf16_records)
+    assert tile.flush_mma is flush_mma
+    assert ring_serves(tile, bf16_records)
+
+
+def test_a_tensor_core_flush_serves_neither_fp32_records_nor_8_row_tiles():
+    from gdn_backend.kernels.heuristics import Tile, ring_serves
+
+    assert not ring_serves(Tile(64, 4, flush_mma=True), bf16_records=False)
+    assert not ring_serves(Tile(8, 1, flush_mma=True), bf16_records=True)
+    assert not ring_serves(Tile(64, 8, flush_mma=True), bf16_records=True)
+    assert ring_serves(Tile(8, 1, flush_mma=False), bf16_records=True)
+
+
+@pytest.mark.parametrize("bf16_records", [True, False])
+def test_replayssm_warmup_compiles_every_tile_and_flush_form_the_dispatch_can_choose(
+        bf16_records):
+    from gdn_backend.kernels.heuristics import choose_ring_tile, ring_tiles_for
+
+    for heads in (4, 32):
+        every = set(ring_tiles_for(heads, 128, bf16_records))
+        assert {choose_ring_tile(b, heads, 128, bf16_records) for b in range(1, 4097)} == every
+        assert any(t.flush_mma for t in every) is bf16_records
+
+
 def test_the_spec_ring_takes_64_row_tiles_on_bf16_checkpoints_32_on_fp32_8_when_tiny():
     from gdn_backend.kernels.heuristics import LARGE, SPEC_WIDE, TINY, choose_spec_tile
 

@@ -56,7 +56,27 @@ def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
     # ReplaySSM: a lane's chunk of the appended key is one 16-byte store in float32.
     # (At L = 1 every step flushes: nothing is appended.)
     ring_key = int(cfg.ring_len > 1 and cfg.ring_vectorized and cfg.ring_dtype == torch.float32)
+    if cfg.flush_mma:  # the flush writes the accumulators' pairs (the next test)
+        copies = 0
     assert stores == (per_copy * copies if cfg.state_vectorized else 0) + ring_key
+
+
+@pytest.mark.parametrize("name", [n for n in DECODE if VARIANTS[n].flush_mma])
+def test_the_tensor_core_flush_runs_one_mma_a_span_and_16_places_and_stores_each_pair_once(
+        ptx_dir, name):
+    """A warp's flush: per 8-column span of its share of the block's columns, one mma.sync
+    per 16 ring places, unrolled; then each accumulator pair of its two rows stored once."""
+    cfg = VARIANTS[name]
+    ptx = (ptx_dir / f"{name}.ptx").read_text()
+    warps, blocks = cfg.rows_per_cta // cfg.rows_per_thread * 8 // 32, cfg.rows_per_cta // 16
+    spans = cfg.head_k_dim // 8 // (warps // blocks)
+    k_steps = -(-cfg.ring_len // 16)
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == spans * k_steps
+    if not cfg.state_vectorized:  # an unaligned pool: a pair is two element stores
+        pair, stores = "b16" if cfg.state_dtype == torch.bfloat16 else "b32", 2
+    else:
+        pair, stores = "b32" if cfg.state_dtype == torch.bfloat16 else "v2.b32", 1
+    assert ptx.count(f"st.global.{pair}") >= 2 * spans * stores
 
 
 @pytest.mark.parametrize("name", [n for n in DECODE if VARIANTS[n].tensor_cores

@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from ..kernels.heuristics import serves
+from ..kernels.heuristics import ring_serves, serves
 from ..op import warmup
 from ..replayssm import warmup_replayssm
 from ..replayssm_spec import warmup_replayssm_spec
@@ -127,6 +127,8 @@ def time_cell(cell: Cell, peers: dict, replays: int, tiles=()) -> dict:
         if "sglang_us" in peers:
             row["sglang_classic_us"] = time_graph(sglang.packed_decode(cell), cell.sets, replays)
     for tile in tiles:
+        if cell.mode == "replayssm" and not ring_serves(tile, cell.pool.dtype == torch.bfloat16):
+            continue
         if serves(tile, cell.T, cell.pool.element_size(), cell.mode == "slots",
                   cell.mode == "ragged"):
             with forced_tile(tile):

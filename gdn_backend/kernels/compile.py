@@ -53,6 +53,7 @@ class KernelConfig:
     ring_dtype: torch.dtype | None = None  # the d and k rings'
     force_flush: bool = False              # a per-request flag can force the flush
     ring_vectorized: bool = True           # ring keys allow vector reads of K/32 elements
+    flush_mma: bool = False                # the flush on tensor cores (heuristics.Tile)
     # The spec ring (replayssm_spec.py): "verify", "fold" or "finish", on rings of ring_len
     # records keyed by request rows (indices of row_index_dtype); the fold over `track` slots.
     spec: str | None = None
@@ -276,7 +277,8 @@ def build(cfg: KernelConfig):
         kernel = kind(tokens=cfg.tokens, **spec)
     elif cfg.ring_len:
         kernel = ReplaySSMDecode(rows_per_thread=cfg.rows_per_thread, ring_len=cfg.ring_len,
-                                 force_flush=cfg.force_flush, **options)
+                                 force_flush=cfg.force_flush, flush_mma=cfg.flush_mma,
+                                 **options)
     else:
         kind = GatedDeltaRuleDecodeMMA if cfg.tensor_cores else GatedDeltaRuleDecode
         kernel = kind(rows_per_thread=cfg.rows_per_thread, **options)

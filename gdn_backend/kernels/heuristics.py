@@ -63,6 +63,10 @@ class Tile:
     # cp.async (True) or loaded into registers (False); None: where the dispatch puts them
     # (`spec_stages_rows`). The other kernels ignore it.
     staged_rows: bool | None = None
+    # ReplaySSM decode: a flush rebuilds the state on tensor cores, reading its rows again
+    # (True), or in registers from the rows every CTA keeps live (False); None: as the
+    # dispatch does (`ring_flush_mma`). The other kernels ignore it.
+    flush_mma: bool | None = None
 
     @property
     def threads(self) -> int:
@@ -137,21 +141,45 @@ def tiles_for(num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,
                                for b in range(1, 4097)))
 
 
-def choose_ring_tile(batch: int, num_v_heads: int, head_v_dim: int) -> Tile:
+# ReplaySSM decode flushes on tensor cores from this many heads (batch x HV), where it serves.
+# H200 (docs/perf_log.md v18, bf16, one run, time over the classic copy): 64 x 4 at TP1 B = 32
+# 1.19 against 1.28 on CUDA cores, B = 256 1.00 against 1.23, TP8 B = 256 1.23 against 1.32;
+# but at 512 heads and below the CUDA-core flush won (TP1 B = 16 1.32 against 1.36, TP8
+# B = 128 1.38 against 1.43, TP8 B = 32 on 32 x 2 1.39 against 1.87), where the tensor-core
+# flush's serial staging (two barriers more, the rows read again) is the kernel's tail.
+RING_MMA_FLUSH_FROM_HEADS = 1024
+
+
+def mma_flush_serves(tile: Tile, bf16_records: bool) -> bool:
+    """Whether ReplaySSM decode on `tile` can flush on tensor cores: bf16 records (the MMAs'
+    operands as stored), CTAs of whole 16-row blocks, 4 rows a thread at most."""
+    return bf16_records and tile.rows_per_cta % 16 == 0 and tile.rows_per_thread <= 4
+
+
+def ring_serves(tile: Tile, bf16_records: bool) -> bool:
+    """Whether `tile` can run a ReplaySSM decode on records of that dtype."""
+    return not tile.flush_mma or mma_flush_serves(tile, bf16_records)
+
+
+def choose_ring_tile(batch: int, num_v_heads: int, head_v_dim: int, bf16_records: bool) -> Tile:
     """The tile for ReplaySSM decode (replayssm_decode.py). Each CTA carries a fixed cost on
     top of its rows (the records' key dots, ~300 instructions a warp: ncu, H200), so larger
     tiles pay where the batch fills the GPU (sweep, docs/performance.md: 64 x 4 best or
     within 0.01 of it from 512 heads on, 32 x 2 best or near it below, down to the
-    latency-bound batches that take 8-row tiles as decode does)."""
+    latency-bound batches that take 8-row tiles as decode does); the flush on tensor cores
+    from RING_MMA_FLUSH_FROM_HEADS on."""
     heads = batch * num_v_heads
     if latency_bound(heads, head_v_dim):
-        return TINY
-    return RING_WIDE if heads >= RING_WIDE_FROM_HEADS else LARGE
+        tile = TINY
+    else:
+        tile = RING_WIDE if heads >= RING_WIDE_FROM_HEADS else LARGE
+    return replace(tile, flush_mma=(heads >= RING_MMA_FLUSH_FROM_HEADS
+                                    and mma_flush_serves(tile, bf16_records)))
 
 
-def ring_tiles_for(num_v_heads: int, head_v_dim: int) -> tuple[Tile, ...]:
+def ring_tiles_for(num_v_heads: int, head_v_dim: int, bf16_records: bool) -> tuple[Tile, ...]:
     """Every tile `choose_ring_tile` can return for some batch size."""
-    return tuple(dict.fromkeys(choose_ring_tile(b, num_v_heads, head_v_dim)
+    return tuple(dict.fromkeys(choose_ring_tile(b, num_v_heads, head_v_dim, bf16_records)
                                for b in range(1, 4097)))
 
 

@@ -15,7 +15,7 @@ import torch
 from ..validation import Call, Problem, RingCall, SpecFoldCall, SpecVerifyCall
 from . import compile as _compile
 from .heuristics import (TINY, choose_ring_tile, choose_spec_fold_tile, choose_spec_verify_tile,
-                         choose_tile, ring_tiles_for, spec_fold_tiles_for,
+                         choose_tile, ring_serves, ring_tiles_for, spec_fold_tiles_for,
                          spec_verify_tiles_for, tiles_for)
 
 SUPPORTED_HEAD_DIMS = (128,)
@@ -104,13 +104,16 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
         tiles = spec_fold_tiles_for(base.num_v_heads, base.head_k_dim, base.head_v_dim,
                                     base.state_dtype.itemsize, base.ring_dtype == torch.bfloat16)
     elif base.ring_len:
-        tiles = ring_tiles_for(base.num_v_heads, base.head_v_dim)
+        tiles = ring_tiles_for(base.num_v_heads, base.head_v_dim,
+                               base.ring_dtype == torch.bfloat16)
     else:
         tiles = tiles_for(base.num_v_heads, base.head_v_dim, base.tokens,
                           base.state_dtype.itemsize, base.intermediate is not None,
                           per_token_slots=base.per_token_slots, ragged=base.ragged)
     if base.spec:
         return [replace(base, **spec_tile_fields(t)) for t in tiles]
+    if base.ring_len:
+        return [replace(base, **ring_tile_fields(t)) for t in tiles]
     return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread,
                     tensor_cores=t.tensor_cores) for t in tiles]
 
@@ -123,6 +126,13 @@ def spec_tile_fields(tile) -> dict:
                 staged_rows=tile.tensor_cores and bool(tile.staged_rows))
 
 
+def ring_tile_fields(tile) -> dict:
+    """A ReplaySSM decode configuration's fields for `tile`: its shape, and whether it
+    flushes on tensor cores."""
+    return dict(rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
+                tensor_cores=False, flush_mma=bool(tile.flush_mma))
+
+
 def compile_ahead(base: _compile.KernelConfig, device: int) -> None:
     for cfg in warmup_configs(base):
         _compile.CACHE.get(cfg, device)
@@ -131,12 +141,14 @@ def compile_ahead(base: _compile.KernelConfig, device: int) -> None:
 def replayssm_config(rc: RingCall) -> _compile.KernelConfig:
     """The one-token decode's configuration, on rings, at the ReplaySSM tile."""
     p = rc.call.problem
-    tile = choose_ring_tile(p.batch, p.num_v_heads, p.head_v_dim)
+    bf16_records = rc.ring_d.dtype == torch.bfloat16
+    tile = choose_ring_tile(p.batch, p.num_v_heads, p.head_v_dim, bf16_records)
+    if not ring_serves(tile, bf16_records):
+        raise ValueError(f"ReplaySSM decode cannot flush on tensor cores on {tile} with "
+                         f"{rc.ring_d.dtype} rings: it takes bf16 rings and 16-row blocks")
     chunk = _compile.qk_chunk(p.head_k_dim)
-    return replace(config_for(rc.call), rows_per_cta=tile.rows_per_cta,
-                   rows_per_thread=tile.rows_per_thread, tensor_cores=False,
-                   ring_len=rc.ring_len, ring_dtype=rc.ring_d.dtype,
-                   force_flush=rc.force_flush is not None,
+    return replace(config_for(rc.call), **ring_tile_fields(tile), ring_len=rc.ring_len,
+                   ring_dtype=rc.ring_d.dtype, force_flush=rc.force_flush is not None,
                    ring_vectorized=_aligned(rc.ring_k, chunk, rc.ring_k.stride()[:1]))
 
 

@@ -12,7 +12,9 @@ GatedDeltaRuleDecode's, at T = 1. The records enter the token's two matrix-vecto
 products in factored form,
     S k̂ = A (S0 k̂) + Σ_j W_j d_j (k_j·k̂),   A = Π_j α_j,   W_j = Π_{i>j} α_i,
 so a step costs two dot products of K per record, not a rebuild of S; only a flush
-rebuilds S in registers (m rank-1 updates) before writing it.
+rebuilds S before writing it: m rank-1 updates of each row in registers, or, with bf16
+records, a matrix product per 16 rows on tensor cores (S0 scaled plus the rows' W_j d_j
+times the records' keys).
 
 Work split: each row group of 8 lanes takes every `groups`-th record, reads its key in
 the lanes' columns and computes W_j (k_j·k̂) and W_j (k_j·q̂) into shared memory with the
@@ -32,6 +34,7 @@ from cutlass import Float32, Int32, Int64, const_expr
 
 from ..validation import MAX_RING
 from .decode import BETA, DECAY, KQ, SMEM_SKEW, SMEM_SKEW_EVERY, GatedDeltaRuleDecode
+from .decode_mma import MMA_ROWS, bf16_pair, mma_bf16
 from .heuristics import LANES_PER_ROW
 # Rows of the per-record scalars in shared memory.
 WEIGHT, KEY_K, KEY_Q = range(3)
@@ -60,19 +63,30 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
 
     ring_len: L, records a slot's ring holds (1 .. 32). force_flush: the call passes a
     per-request flag that forces the flush (SGLang's radix-cache track boundaries).
+    flush_mma: a flush rebuilds the state on tensor cores (bf16 rings, 16-row blocks),
+    reading its rows again in the MMA's layout, rather than in registers from the rows every
+    CTA keeps live from its first load (heuristics.choose_ring_tile says where).
     """
 
-    def __init__(self, *, ring_len: int, force_flush: bool, tokens: int = 1, **options):
+    def __init__(self, *, ring_len: int, force_flush: bool, flush_mma: bool = False,
+                 tokens: int = 1, **options):
         assert tokens == 1 and 1 <= ring_len <= MAX_RING
         super().__init__(tokens=1, **options)
         assert not (self.intermediate or self.per_token_slots or self.ragged)
         self.L = ring_len
         self.force_flush = force_flush
+        self.flush_mma = flush_mma
         # Records each lane of a row's group holds, and the record places that covers.
         self.records_per_lane = -(-ring_len // LANES_PER_ROW)
         self.places = self.records_per_lane * LANES_PER_ROW
         # Rounds in which the row groups take a record each, to cover every place.
         self.key_rounds = -(-self.places // self.groups)
+        if flush_mma:
+            # 16-row blocks, each to one warp or more (4 rows a thread at most).
+            assert self.rows_per_cta % MMA_ROWS == 0 and self.rows_per_thread <= 4
+            # The MMAs' K: the record places in steps of 16, as words of bf16 pairs.
+            self.k_steps = -(-ring_len // 16)
+            self.pair_words = 8 * self.k_steps
 
     @cute.jit
     def __call__(
@@ -97,6 +111,8 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
         min_valid_slot: Int32,
         stream,
     ):
+        # The tensor-core flush's operands are the records as stored.
+        assert not self.flush_mma or mRingK.element_type == cutlass.BFloat16
         grid = [mIdx.shape[0] * self.HV * self.tiles, 1, 1]
         self.kernel(
             mQ, mK, mV, mA, mB, mALog, mDtBias, mPool, mIdx, mOut, mFlag, mRingD, mRingK,
@@ -109,8 +125,25 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
         return cute.make_layout(((SMEM_SKEW_EVERY, self.K // SMEM_SKEW_EVERY), self.places),
                                 stride=((1, SMEM_SKEW_EVERY + SMEM_SKEW), self.unit_row_words()))
 
+    def coef_layout(self):
+        """(rows, words): the flush's A operand, row r's W_j d_j as bf16 pairs (j, j + 1).
+        4 words of padding a row: a fragment's 8 rows x 4 words reach 32 banks."""
+        return cute.make_layout((self.rows_per_cta, self.pair_words),
+                                stride=(self.pair_words + 4, 1))
+
+    def key_pair_layout(self):
+        """(words, K): the flush's B operand, the keys of records (2w, 2w + 1) as bf16 pairs,
+        a row of words per pair. 8 words of padding: a fragment's 4 rows x 8 columns reach
+        32 banks."""
+        return cute.make_layout((self.pair_words, self.K), stride=(self.K + 8, 1))
+
     def smem_bytes(self) -> int:
-        return super().smem_bytes() + (self.unit_row_words() + 3) * self.places * 4 + 32
+        if self.flush_mma:
+            flush = (cute.cosize(self.coef_layout()) + cute.cosize(self.key_pair_layout())
+                     + self.rows_per_cta) * 4
+        else:
+            flush = self.unit_row_words() * self.places * 4
+        return super().smem_bytes() + 3 * self.places * 4 + flush + 64
 
     @cute.kernel
     def kernel(
@@ -132,7 +165,15 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
         units = self.allocate_units(smem)
         sGate = smem.allocate_tensor(Float32, cute.make_layout((3, 1), stride=(1, 1)),
                                      byte_alignment=16)
-        sKeys = smem.allocate_tensor(Float32, self.key_layout(), byte_alignment=16)
+        # The flush's staging: the records' keys in float32 (rebuilt in registers), or the
+        # MMAs' operands and the rows' u (on tensor cores).
+        if const_expr(self.flush_mma):
+            sKeys = (smem.allocate_tensor(Int32, self.coef_layout(), byte_alignment=16),
+                     smem.allocate_tensor(Int32, self.key_pair_layout(), byte_alignment=16),
+                     smem.allocate_tensor(Float32, cute.make_layout(self.rows_per_cta),
+                                          byte_alignment=16))
+        else:
+            sKeys = smem.allocate_tensor(Float32, self.key_layout(), byte_alignment=16)
         # sRec[:, j]: record j's W_j, W_j (k_j·k̂) and W_j (k_j·q̂); zero past the cursor.
         sRec = smem.allocate_tensor(Float32, cute.make_layout((3, self.places),
                                                               stride=(self.places, 1)),
@@ -233,11 +274,38 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
                 sRec[WEIGHT, j] = w
                 sRec[KEY_K, j] = w * kk
                 sRec[KEY_Q, j] = w * qk
+                if const_expr(not self.flush_mma):
+                    if flush:
+                        staged = cute.make_rmem_tensor((self.vec, self.vecs_per_lane), Float32)
+                        staged.store(key)
+                        cute.autovec_copy(staged, self.lane_columns(sKeys[None, j], lane))
+            if const_expr(self.flush_mma):
                 if flush:
-                    staged = cute.make_rmem_tensor((self.vec, self.vecs_per_lane), Float32)
-                    staged.store(key)
-                    cute.autovec_copy(staged, self.lane_columns(sKeys[None, j], lane))
+                    self.stage_key_pairs(key, sKeys[1], j, group, lane)
+        if const_expr(self.flush_mma and self.places // 2 < self.pair_words):
+            if flush:  # the MMAs' places past the ring's: zero keys
+                pad = (self.pair_words - self.places // 2) * self.K
+                tidx = group * LANES_PER_ROW + lane
+                for i in cutlass.range_constexpr(-(-pad // self.threads)):
+                    word = tidx + self.threads * i
+                    if word < pad:
+                        sKeys[1][self.places // 2 + word // self.K, word % self.K] = Int32(0)
         return total
+
+    @cute.jit
+    def stage_key_pairs(self, key, sPairs: cute.Tensor, j, group: Int32, lane: Int32):
+        """Record j's key and record j + 1's (the next row group's: every group takes the
+        record after the one before it) as bf16 pairs, this lane's columns of row j // 2 of
+        the flush's B operand, written by the even group."""
+        mine = cute.make_rmem_tensor((self.vec, self.vecs_per_lane), Float32)
+        mine.store(key)
+        words = cute.make_rmem_tensor((self.vec, self.vecs_per_lane), Int32)
+        for v in cutlass.range_constexpr(self.vecs_per_lane):
+            for e in cutlass.range_constexpr(self.vec):
+                after = cute.arch.shuffle_sync_bfly(mine[e, v], offset=LANES_PER_ROW)
+                words[e, v] = bf16_pair(mine[e, v], after)
+        if group % 2 == 0 and j < self.places:
+            cute.autovec_copy(words, self.lane_columns(sPairs[j // 2, None], lane))
 
     @cute.jit
     def append_key_and_decay(self, mRingK: cute.Tensor, mRingG: cute.Tensor, mA: cute.Tensor,
@@ -285,20 +353,83 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
         if flush:
             # S = A S0 + Σ_j W_j d_j k_jᵀ, then the token: e^g S + u k̂ᵀ. Past the cursor
             # every W_j, d_j and staged key is zero.
-            group = tidx - lane  # lane 0 of this thread's row group
-            state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
-            state.store(raw.load().to(Float32) * ring_decay)
-            for j in cutlass.range_constexpr(self.L):
-                key = self.lane_columns(sKeys[None, j], lane).load()
-                w = sRec[WEIGHT, j]
+            if const_expr(self.flush_mma):
+                self.flush_on_tensor_cores(gS, d_own, units, sKeys, sRec, ring_decay, decay, u,
+                                           tidx, lane, rows)
+            else:
+                group = tidx - lane  # lane 0 of this thread's row group
+                state = cute.make_rmem_tensor((self.vec, self.vecs_per_lane, R), Float32)
+                state.store(raw.load().to(Float32) * ring_decay)
+                for j in cutlass.range_constexpr(self.L):
+                    key = self.lane_columns(sKeys[None, j], lane).load()
+                    w = sRec[WEIGHT, j]
+                    for r in cutlass.range_constexpr(R):
+                        d = cute.arch.shuffle_sync(d_own[r, j // LANES_PER_ROW],
+                                                   (group + j % LANES_PER_ROW) % 32)
+                        state[None, None, r].store(state[None, None, r].load() + key * (w * d))
                 for r in cutlass.range_constexpr(R):
-                    d = cute.arch.shuffle_sync(d_own[r, j // LANES_PER_ROW],
-                                               (group + j % LANES_PER_ROW) % 32)
-                    state[None, None, r].store(state[None, None, r].load() + key * (w * d))
-            for r in cutlass.range_constexpr(R):
-                state[None, None, r].store(state[None, None, r].load() * decay + k_hat * u[r])
-            self.store_rows(state, gS, lane, rows)
+                    state[None, None, r].store(state[None, None, r].load() * decay + k_hat * u[r])
+                self.store_rows(state, gS, lane, rows)
         else:
             for r in cutlass.range_constexpr(R):
                 # All 8 lanes of the row store the same value to one address.
                 mRingD[slot, hv, cursor, rows[r]] = u[r].to(mRingD.element_type)
+
+    @cute.jit
+    def flush_on_tensor_cores(self, gS: cute.Tensor, d_own: cute.Tensor, units: cute.Tensor,
+                              sFlush, sRec: cute.Tensor, ring_decay: Float32, decay: Float32,
+                              u, tidx: Int32, lane: Int32, rows):
+        """The flush's rebuild as MMAs, a warp to a 16-row block (and, with more warps than
+        blocks, to a share of its columns): S = A S0 + C K, C the block's W_j d_j (bf16) and
+        K the records' keys, then the token: e^g S + u k̂ᵀ. The rows are read again (L2
+        hits) in the accumulators' layout, first, so that the staging hides their latency;
+        no CTA keeps them live from its first load."""
+        sCoef, sPairs, sU = sFlush
+        warp, g, c = tidx // 32, tidx % 32 // 4, tidx % 4  # an MMA's (group, thread in group)
+        warps, blocks = self.threads // 32, self.rows_per_cta // MMA_ROWS
+        parts = warps // blocks
+        spans = self.K // 8 // parts  # 8-column spans of the block's columns this warp takes
+        block, part = warp % blocks, warp // blocks
+        local = tidx // LANES_PER_ROW  # this thread's first row among the CTA's
+        first = rows[0] - local  # the CTA's first row in the head
+        top = block * MMA_ROWS + g  # this thread's rows top and top + 8 of the CTA's
+        s0 = cute.make_rmem_tensor((2, 2, spans), gS.element_type)
+        for x in cutlass.range_constexpr(spans):
+            col = (part * spans + x) * 8 + 2 * c  # this thread's two accumulator columns
+            for half in cutlass.range_constexpr(2):
+                cute.autovec_copy(cute.local_tile(gS[first + top + 8 * half, None], (2,),
+                                                  (col // 2,)), s0[None, half, x])
+
+        for r in cutlass.range_constexpr(self.rows_per_thread):
+            row = local + r * self.groups
+            if lane == 0:
+                sU[row] = u[r]
+            # Lane l holds d_j of records j = l + 8 i; the pair (j, j + 1) is lanes l, l + 1.
+            for i in cutlass.range_constexpr(2 * self.k_steps):
+                coef = Float32(0.0)
+                if const_expr(i < self.records_per_lane):
+                    coef = d_own[r, i] * sRec[WEIGHT, lane + LANES_PER_ROW * i]
+                after = cute.arch.shuffle_sync_bfly(coef, offset=1)
+                if lane % 2 == 0:
+                    sCoef[row, (lane + LANES_PER_ROW * i) // 2] = bf16_pair(coef, after)
+        cute.arch.barrier()
+
+        a = [[sCoef[top + 8 * (x % 2), 8 * ks + c + 4 * (x // 2)] for x in range(4)]
+             for ks in range(self.k_steps)]
+        u_rows = [sU[top], sU[top + 8]]
+        for x in cutlass.range_constexpr(spans):
+            n = (part * spans + x) * 8  # the span's first column
+            acc = [Float32(0.0)] * 4
+            for ks in cutlass.range_constexpr(self.k_steps):
+                b = [sPairs[8 * ks + c, n + g], sPairs[8 * ks + c + 4, n + g]]
+                acc = mma_bf16(a[ks], b, acc)
+            col = n + 2 * c
+            for half in cutlass.range_constexpr(2):
+                new = cute.make_rmem_tensor((2,), Float32)
+                for e in cutlass.range_constexpr(2):
+                    s = ring_decay * Float32(s0[e, half, x]) + acc[2 * half + e]
+                    new[e] = s * decay + u_rows[half] * units[col + e, 0, 0]
+                out = cute.make_rmem_tensor((2,), gS.element_type)
+                out.store(new.load().to(gS.element_type))
+                cute.autovec_copy(out, cute.local_tile(gS[first + top + 8 * half, None], (2,),
+                                                       (col // 2,)))
