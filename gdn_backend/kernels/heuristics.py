@@ -65,7 +65,7 @@ class Tile:
     staged_rows: bool | None = None
     # ReplaySSM decode: a flush rebuilds the state on tensor cores, reading its rows again
     # (True), or in registers from the rows every CTA keeps live (False); None: as the
-    # dispatch does (`ring_flush_mma`). The other kernels ignore it.
+    # dispatch does (`choose_ring_tile`). The other kernels ignore it.
     flush_mma: bool | None = None
 
     @property
@@ -146,7 +146,7 @@ def tiles_for(num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,
 # 1.19 against 1.28 on CUDA cores, B = 256 1.00 against 1.23, TP8 B = 256 1.23 against 1.32;
 # but at 512 heads and below the CUDA-core flush won (TP1 B = 16 1.32 against 1.36, TP8
 # B = 128 1.38 against 1.43, TP8 B = 32 on 32 x 2 1.39 against 1.87), where the tensor-core
-# flush's serial staging (two barriers more, the rows read again) is the kernel's tail.
+# flush's serial staging (one barrier more, the rows read again) is the kernel's tail.
 RING_MMA_FLUSH_FROM_HEADS = 1024
 
 
