@@ -64,6 +64,27 @@ def test_a_forced_tile_reaches_the_kernel_configuration_and_is_undone_after():
     assert (cfg.rows_per_cta, cfg.rows_per_thread) == (dispatch.rows_per_cta, dispatch.rows_per_thread)
 
 
+def _verify_config(batch, inter_offset=0):
+    p = make_problem(batch, 4, 2, 4, num_slots=batch + 1, device="cpu")  # TP8, fp32 pool
+    out = torch.empty(p.v.shape, dtype=p.q.dtype)
+    inter = torch.empty(batch * 4 * 4 * 128 * 128 + inter_offset)[inter_offset:].view(
+        batch, 4, 4, 128, 128)
+    return launch.config_for(validate(*p.args, out, scale=1.0, min_valid_slot=0,
+                                      intermediate_states=inter, update_state=False))
+
+
+def test_an_fp32_verify_streams_its_rows_as_the_dispatch_says_under_a_forced_tile_too():
+    assert _verify_config(64).streaming_rows and not _verify_config(32).streaming_rows
+    with tiles.forced_tile(tiles.parse_tile("16x1")):
+        cfg = _verify_config(64)
+    assert (cfg.rows_per_cta, cfg.streaming_rows) == (16, True)
+
+
+def test_unaligned_intermediate_rows_take_plain_stores():
+    cfg = _verify_config(64, inter_offset=1)
+    assert not cfg.state_vectorized and not cfg.streaming_rows
+
+
 def ring_call(batch, state_dtype):
     from gdn_backend.testing import RingPool
     from gdn_backend.validation import validate_rings

@@ -122,8 +122,39 @@ def test_warmup_compiles_every_tile_the_heuristic_can_choose(tokens, state_bytes
 @pytest.mark.parametrize("tokens", [2, 4, 8])
 @pytest.mark.parametrize("ragged", [False, True])
 def test_verify_on_fp32_at_tp8_takes_fine_tiles_up_to_256_heads(batch, tokens, ragged):
+    tile = replace(choose_tile(batch, 4, 128, tokens, FP32, intermediate=True, ragged=ragged),
+                   streaming_rows=None)
+    assert (tile in (TINY, WIDE)) == (batch * 4 <= 256)
+
+
+@pytest.mark.parametrize("batch", [9, 16, 32, 33, 48])
+@pytest.mark.parametrize("tokens", [2, 3, 4, 8])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_verify_of_equal_rows_on_fp32_at_tp8_takes_four_rows_a_thread_up_to_128_heads(
+        batch, tokens, ragged):
     tile = choose_tile(batch, 4, 128, tokens, FP32, intermediate=True, ragged=ragged)
-    assert (tile == TINY) == (batch * 4 <= 256)
+    latency_bound = batch * 4 * (128 // 32) < NUM_SMS
+    wide = not latency_bound and not ragged and tokens <= 4 and batch * 4 <= 128
+    assert (tile == WIDE) == wide
+
+
+@pytest.mark.parametrize("batch, heads", [(4, 32), (8, 32), (256, 32), (16, 4), (32, 4),
+                                          (64, 4), (128, 4)])
+@pytest.mark.parametrize("tokens", [2, 3, 4, 8])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_verify_on_fp32_streams_its_rows_from_256_heads_at_up_to_4_tokens(batch, heads, tokens,
+                                                                         ragged):
+    tile = choose_tile(batch, heads, 128, tokens, FP32, intermediate=True, ragged=ragged)
+    assert bool(tile.streaming_rows) == (batch * heads >= 256 and tokens <= 4)
+
+
+@pytest.mark.parametrize("state_bytes, options", [(BF16, {"intermediate": True}),
+                                                  (FP32, {}), (FP32, {"per_token_slots": True})])
+def test_nothing_but_an_fp32_verify_streams_its_rows(state_bytes, options):
+    for batch in (1, 16, 64, 256, 1024):
+        for heads in (4, 32):
+            tile = choose_tile(batch, heads, 128, 2, state_bytes, **options)
+            assert not tile.streaming_rows
 
 
 @pytest.mark.parametrize("batch", [16, 32, 64, 65])

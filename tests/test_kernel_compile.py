@@ -47,7 +47,7 @@ def test_variant_compiles_for_sm90a_without_local_memory(ptx_dir, name):
 def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
     cfg = VARIANTS[name]
     ptx = (ptx_dir / f"{name}.ptx").read_text()
-    stores = sum(ptx.count(f"st.global.v4.{t}") for t in ("f32", "b32"))
+    stores = sum(ptx.count(f"st.global.{cs}v4.{t}") for t in ("f32", "b32") for cs in ("", "cs."))
     lanes_per_row = 4 if cfg.tensor_cores else 8
     per_copy = cfg.rows_per_thread * cfg.head_k_dim // (lanes_per_row * 16 // cfg.state_dtype.itemsize)
     # The last state to the pool (not with per-token slots), or every token's state.
@@ -59,6 +59,16 @@ def test_state_is_written_in_16_byte_vectors_when_aligned(ptx_dir, name):
     if cfg.flush_mma:  # the flush writes the accumulators' pairs (the next test)
         copies = 0
     assert stores == (per_copy * copies if cfg.state_vectorized else 0) + ring_key
+
+
+@pytest.mark.parametrize("name", DECODE)
+def test_streaming_rows_are_streaming_stores_and_nothing_else_is(ptx_dir, name):
+    cfg = VARIANTS[name]
+    ptx = (ptx_dir / f"{name}.ptx").read_text()
+    streaming = cfg.streaming_rows
+    per_copy = cfg.rows_per_thread * cfg.head_k_dim // (8 * 4)
+    assert ptx.count("st.global.cs.v4.f32") == (per_copy * cfg.tokens if streaming else 0)
+    assert ptx.count("st.global.cs.") == ptx.count("st.global.cs.v4.f32")
 
 
 @pytest.mark.parametrize("name", [n for n in DECODE if VARIANTS[n].flush_mma])
@@ -125,7 +135,7 @@ def test_the_fold_writes_states_in_16_byte_vectors(ptx_dir, name):
     the pool allows them."""
     cfg = VARIANTS[name]
     ptx = (ptx_dir / f"{name}.ptx").read_text()
-    stores = sum(ptx.count(f"st.global.v4.{t}") for t in ("f32", "b32"))
+    stores = sum(ptx.count(f"st.global.{cs}v4.{t}") for t in ("f32", "b32") for cs in ("", "cs."))
     lanes_per_row = 4 if cfg.tensor_cores else 8
     per_copy = cfg.rows_per_thread * cfg.head_k_dim // (lanes_per_row * 16 // cfg.state_dtype.itemsize)
     # The CUDA-core fold stores a snapshot in two places, the tensor-core one (closed form) in one.

@@ -57,12 +57,13 @@ def forced_tile(tile: Tile):
     place of the dispatch's choice; a tensor-core tile only those with a tensor-core form (the
     decode, the spec verify and fold). What the tile leaves open (None: where a tensor-core
     tile puts the spec ring's checkpoint rows, whether a ReplaySSM flush runs on tensor
-    cores) stays the dispatch's."""
+    cores, whether an fp32 verify streams its intermediate rows) stays the dispatch's."""
     names = ("choose_tile", "choose_spec_verify_tile", "choose_spec_fold_tile")
     if not tile.tensor_cores:  # ReplaySSM decode has no tensor-core form: it keeps its own
         names += ("choose_ring_tile",)
     chosen = [getattr(launch, name) for name in names]
-    open_fields = [f for f in ("staged_rows", "flush_mma") if getattr(tile, f) is None]
+    open_fields = [f for f in ("staged_rows", "flush_mma", "streaming_rows")
+                   if getattr(tile, f) is None]
 
     def forcing(choose):
         def forced(*shape, **options):

@@ -42,6 +42,8 @@ class KernelConfig:
     update_state: bool = True
     qkv_vectorized: bool = True           # q/k allow vector reads of K/32 elements
     state_vectorized: bool = True         # pool (and intermediate) allow 16-byte accesses
+    # fp32 intermediate rows as streaming stores (decode.py; heuristics.Tile.streaming_rows)
+    streaming_rows: bool = False
     use_pdl: bool = True
     # decode_mma.py (bf16 pools, T <= 4) rather than decode.py; for the spec ring's verify
     # (T <= 4) and fold, replayssm_spec_mma.py rather than replayssm_spec.py.
@@ -260,6 +262,7 @@ def build(cfg: KernelConfig):
         rows_per_cta=cfg.rows_per_cta, intermediate=cfg.intermediate,
         update_state=cfg.update_state, use_pdl=cfg.use_pdl, prefetch_state=cfg.state_vectorized,
         per_token_slots=cfg.per_token_slots, ragged=cfg.ragged,
+        streaming_rows=cfg.streaming_rows,
     )
     if cfg.spec:
         spec = dict(num_heads=cfg.num_heads, num_v_heads=cfg.num_v_heads,

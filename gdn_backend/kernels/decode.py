@@ -89,6 +89,7 @@ class GatedDeltaRuleDecode:
         prefetch_state: bool = True,
         per_token_slots: bool = False,
         ragged: bool = False,
+        streaming_rows: bool = False,
     ):
         self.H, self.HV, self.K, self.V, self.T = (
             num_heads, num_v_heads, head_k_dim, head_v_dim, tokens)
@@ -104,6 +105,11 @@ class GatedDeltaRuleDecode:
         self.threads = self.groups * self.lanes_per_row
         assert intermediate in (None, "rows", "indexed")
         self.intermediate = intermediate
+        # Intermediate rows as streaming stores (float32 rows, 16-byte vectors, evict first):
+        # a verify writes T states for each one it reads and reads none of them again
+        # (heuristics.STREAMING_ROWS_FROM_HEADS says where it pays).
+        assert not streaming_rows or (intermediate and state_bytes == 4)
+        self.streaming_rows = streaming_rows
         # Per-token slots write every token's state to its own slot, and nothing at the end.
         assert not (per_token_slots and intermediate)
         self.per_token_slots = per_token_slots
@@ -346,14 +352,25 @@ class GatedDeltaRuleDecode:
         return v_in
 
     @cute.jit
-    def store_rows(self, frag: cute.Tensor, dst: cute.Tensor, lane: Int32, rows):
-        """Write this thread's rows (registers) to a [V, K] state, converting once if need be."""
+    def store_rows(self, frag: cute.Tensor, dst: cute.Tensor, lane: Int32, rows,
+                   streaming: bool = False):
+        """Write this thread's rows (registers) to a [V, K] state, converting once if need be.
+        streaming: float32 rows as 16-byte st.global.cs (evict first)."""
         out = frag
         if const_expr(frag.element_type != dst.element_type):
             out = cute.make_rmem_tensor(frag.shape, dst.element_type)
             out.store(frag.load().to(dst.element_type))
         for r in cutlass.range_constexpr(len(rows)):
-            cute.autovec_copy(out[None, None, r], self.lane_columns(dst[rows[r], None], lane))
+            columns = self.lane_columns(dst[rows[r], None], lane)
+            if const_expr(streaming):
+                assert dst.element_type == Float32 and self.vec == 4
+                for v in cutlass.range_constexpr(self.vecs_per_lane):
+                    words = [Float32(out[e, v, r]).ir_value() for e in range(4)]
+                    llvm.inline_asm(None, [columns[None, v].iterator.llvm_ptr, *words],
+                                    "st.global.cs.v4.f32 [$0], {$1, $2, $3, $4};",
+                                    "l,f,f,f,f", has_side_effects=True)
+            else:
+                cute.autovec_copy(out[None, None, r], columns)
 
     def thread_rows(self, tidx: Int32, tile):
         """(this thread's lane among those sharing its rows, its rows of the head's [V, K] state)."""
@@ -481,7 +498,8 @@ class GatedDeltaRuleDecode:
                     mOut[row, tok, hv, rows[r]] = (decay * sq + u * sGate[KQ, t]).to(
                         mOut.element_type)
                 if const_expr(self.intermediate is not None):
-                    self.store_rows(state, mInter[req[1], t, hv, None, None], lane, rows)
+                    self.store_rows(state, mInter[req[1], t, hv, None, None], lane, rows,
+                                    streaming=self.streaming_rows)
                 if const_expr(self.per_token_slots):
                     self.store_token_slot(state, mPool, mIdx, mFlag, req[0], t, hv, tidx, lane,
                                           rows, min_valid_slot)

@@ -26,7 +26,12 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
   TP8 B = 16-64, T = 2 and 4: 1.07-1.27x the copy against 1.15-1.50x on 32x2; not
   profiled). Likewise per-token slots at T = 2 (1.16-1.26x against 1.17-1.51x); not at
   T = 4, where 8x1 lost, nor at T = 3 and 8 (not measured). Not measured for more value
-  heads a request, so not applied there.
+  heads a request, so not applied there. Up to 128 heads and 4 tokens the verify of
+  rows of equal length takes 4 rows a thread instead (H200 sweep, session 11, TP8 B = 32:
+  1.05-1.11x against 1.12-1.26x on 8x1, level at B = 16; ragged rows lost with it, 1.58x
+  against 1.22x at T = 4 B = 32).
+- Verify on an fp32 pool from 256 heads, up to 4 tokens: the intermediate rows as
+  streaming stores (`Tile.streaming_rows`, `STREAMING_ROWS_FROM_HEADS`).
 - Otherwise, several tokens: 2 rows a thread (about 85 registers, 128 threads).
 
 ReplaySSM decode has rules of its own (`choose_ring_tile`), and so does the spec ring
@@ -44,6 +49,14 @@ FINE_FP32_FROM_HEADS = 256
 # FINE_VERIFY_MAX_V_HEADS value heads (where it was measured).
 FINE_VERIFY_UP_TO_HEADS = 256
 FINE_VERIFY_MAX_V_HEADS = 4
+# ... except up to this many heads, at most 4 tokens, rows of equal length: 4 rows a thread.
+WIDE_VERIFY_UP_TO_HEADS = 128
+# Verify on an fp32 pool writes its intermediate rows as streaming stores from this many
+# heads on, at up to 4 tokens (H200, session 11, one run each way: TP8 B = 64-128 at T = 2-4
+# 0.02-0.06 of the copy lower, TP1 T = 4 B = 8-256 0.02-0.07 lower; T = 8 not measured).
+# Below it they lost where the rows fit in L2 (TP1 T = 4 B = 4 on 32 x 2: 1.15x -> 1.44x)
+# or changed little.
+STREAMING_ROWS_FROM_HEADS = 256
 # Verify on a bf16 pool, for requests of at most FINE_VERIFY_MAX_V_HEADS value heads, takes
 # the tensor-core kernel in 32-row CTAs up to this many heads (T = 2 only past the first
 # bound), and at T = 2 in 64-row CTAs up to the third.
@@ -67,6 +80,9 @@ class Tile:
     # (True), or in registers from the rows every CTA keeps live (False); None: as the
     # dispatch does (`choose_ring_tile`). The other kernels ignore it.
     flush_mma: bool | None = None
+    # Verify on an fp32 pool (decode.py): the intermediate rows as streaming stores (True)
+    # or plain ones (False, or None: where a tile is given, as the dispatch does).
+    streaming_rows: bool | None = None
 
     @property
     def threads(self) -> int:
@@ -116,9 +132,12 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
     if tokens == 1:
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
     every_state = intermediate or (per_token_slots and tokens == 2)
+    streaming = fp32 and intermediate and tokens <= 4 and heads >= STREAMING_ROWS_FROM_HEADS
     if (fp32 and every_state and heads <= FINE_VERIFY_UP_TO_HEADS
             and num_v_heads <= FINE_VERIFY_MAX_V_HEADS):
-        return TINY
+        if intermediate and not ragged and tokens <= 4 and heads <= WIDE_VERIFY_UP_TO_HEADS:
+            return WIDE
+        return replace(TINY, streaming_rows=True) if streaming else TINY
     if (intermediate and num_v_heads <= FINE_VERIFY_MAX_V_HEADS
             and serves(MMA, tokens, state_bytes, per_token_slots, ragged)):
         two_from, up_to, wide_up_to = MMA_VERIFY_HEADS
@@ -129,7 +148,7 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
     if tokens in (3, 4) and not intermediate and serves(MMA, tokens, state_bytes,
                                                         per_token_slots, ragged):
         return MMA_WIDE if heads * (head_v_dim // MMA_WIDE.rows_per_cta) >= 2 * NUM_SMS else MMA
-    return LARGE
+    return replace(LARGE, streaming_rows=True) if streaming else LARGE
 
 
 def tiles_for(num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,

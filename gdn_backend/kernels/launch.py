@@ -69,6 +69,7 @@ def config_for(call: Call) -> _compile.KernelConfig:
         qkv_vectorized=all(_aligned(t, _compile.qk_chunk(problem.head_k_dim), t.stride()[:3])
                            for t in (call.q, call.k)),
         state_vectorized=state_ok,
+        streaming_rows=bool(tile.streaming_rows) and state_ok,
         use_pdl=_compile.USE_PDL,
     )
 
@@ -115,7 +116,9 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
     if base.ring_len:
         return [replace(base, **ring_tile_fields(t)) for t in tiles]
     return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread,
-                    tensor_cores=t.tensor_cores) for t in tiles]
+                    tensor_cores=t.tensor_cores,
+                    streaming_rows=bool(t.streaming_rows) and base.state_vectorized)
+            for t in tiles]
 
 
 def spec_tile_fields(tile) -> dict:
