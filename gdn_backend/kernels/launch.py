@@ -61,15 +61,13 @@ def config_for(call: Call) -> _compile.KernelConfig:
         qkv_dtype=call.q.dtype, gate_dtype=call.a.dtype, A_log_dtype=call.A_log.dtype,
         dt_bias_dtype=call.dt_bias.dtype,
         state_dtype=pool.dtype, index_dtype=call.state_indices.dtype,
-        rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
-        tensor_cores=tile.tensor_cores, intermediate=mode,
+        **decode_tile_fields(tile, state_ok), intermediate=mode,
         inter_index_dtype=None if inter_idx is None else inter_idx.dtype,
         update_state=call.update_state,
         per_token_slots=call.per_token_slots, ragged=call.ragged,
         qkv_vectorized=all(_aligned(t, _compile.qk_chunk(problem.head_k_dim), t.stride()[:3])
                            for t in (call.q, call.k)),
         state_vectorized=state_ok,
-        streaming_rows=bool(tile.streaming_rows) and state_ok,
         use_pdl=_compile.USE_PDL,
     )
 
@@ -115,10 +113,15 @@ def warmup_configs(base: _compile.KernelConfig) -> list[_compile.KernelConfig]:
         return [replace(base, **spec_tile_fields(t)) for t in tiles]
     if base.ring_len:
         return [replace(base, **ring_tile_fields(t)) for t in tiles]
-    return [replace(base, rows_per_cta=t.rows_per_cta, rows_per_thread=t.rows_per_thread,
-                    tensor_cores=t.tensor_cores,
-                    streaming_rows=bool(t.streaming_rows) and base.state_vectorized)
-            for t in tiles]
+    return [replace(base, **decode_tile_fields(t, base.state_vectorized)) for t in tiles]
+
+
+def decode_tile_fields(tile, state_vectorized: bool) -> dict:
+    """A decode configuration's fields for `tile`: its shape, its kernel, and streaming
+    intermediate rows where the tile asks for them and the rows take 16-byte stores."""
+    return dict(rows_per_cta=tile.rows_per_cta, rows_per_thread=tile.rows_per_thread,
+                tensor_cores=tile.tensor_cores,
+                streaming_rows=bool(tile.streaming_rows) and state_vectorized)
 
 
 def spec_tile_fields(tile) -> dict:
