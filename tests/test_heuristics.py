@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from gdn_backend.kernels.heuristics import (LARGE, MMA, MMA_WIDE, NUM_SMS, TINY, WIDE, choose_tile,
-                                            serves, tiles_for)
+from gdn_backend.kernels.heuristics import (FINE16, LARGE, MMA, MMA_WIDE, NUM_SMS, TINY, WIDE,
+                                            choose_tile, serves, tiles_for)
 
 FP32, BF16 = 4, 2
 
@@ -121,10 +121,12 @@ def test_warmup_compiles_every_tile_the_heuristic_can_choose(tokens, state_bytes
 @pytest.mark.parametrize("batch", [16, 32, 48, 64, 65, 256])
 @pytest.mark.parametrize("tokens", [2, 4, 8])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_verify_on_fp32_at_tp8_takes_fine_tiles_up_to_256_heads(batch, tokens, ragged):
+def test_verify_on_fp32_at_tp8_takes_fine_tiles_up_to_256_heads_and_512_at_4_tokens(
+        batch, tokens, ragged):
     tile = replace(choose_tile(batch, 4, 128, tokens, FP32, intermediate=True, ragged=ragged),
                    streaming_rows=None)
-    assert (tile in (TINY, WIDE)) == (batch * 4 <= 256)
+    assert (tile in (TINY, WIDE, FINE16)) == (batch * 4 <= (512 if tokens <= 4 else 256))
+    assert (tile == FINE16) == (tokens <= 4 and 128 < batch * 4 <= 512)
 
 
 @pytest.mark.parametrize("batch", [9, 16, 32, 33, 48])

@@ -85,7 +85,7 @@ def test_dtypes_match_the_reference(qkv_dtype, gate_dtype, index_dtype):
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("indexed", [False, True])
-# TP8: 8-row tiles, 32 rows (4 a thread on fp32), then (fp32) 32 x 2 streaming the rows.
+# TP8: 8-row tiles, 32 rows (4 a thread on fp32), then (fp32) 16-row tiles streaming the rows.
 @pytest.mark.parametrize("B", [6, 20, 70])
 def test_verify_writes_every_intermediate_state(state_dtype, indexed, B):
     T = 4

@@ -51,6 +51,10 @@ FINE_VERIFY_UP_TO_HEADS = 256
 FINE_VERIFY_MAX_V_HEADS = 4
 # ... except up to this many heads, at most 4 tokens, rows of equal length: 4 rows a thread.
 WIDE_VERIFY_UP_TO_HEADS = 128
+# Past that bound and up to this many heads, at most 4 tokens: 16-row tiles of one row a
+# thread (H200 sweeps, session 11: best or level at every TP8 cell of 256 and 512 heads,
+# verify and ragged, plain and streaming rows).
+FINE16_VERIFY_UP_TO_HEADS = 512
 # Verify on an fp32 pool writes its intermediate rows as streaming stores from this many
 # heads on, at up to 4 tokens (H200, session 11, one run each way: TP8 B = 64-128 at T = 2-4
 # 0.02-0.06 of the copy lower, TP1 T = 4 B = 8-256 0.02-0.07 lower; T = 8 not measured).
@@ -93,6 +97,7 @@ class Tile:
 WIDE = Tile(rows_per_cta=32, rows_per_thread=4)    # 64 threads, 4 CTAs per head at V=128
 LARGE = Tile(rows_per_cta=32, rows_per_thread=2)   # 128 threads, 4 CTAs per head
 TINY = Tile(rows_per_cta=8, rows_per_thread=1)     # 64 threads, 16 CTAs per head
+FINE16 = Tile(rows_per_cta=16, rows_per_thread=1)  # 128 threads, 8 CTAs per head
 MMA = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)       # 64 threads
 MMA_WIDE = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)  # 128 threads
 RING_WIDE = Tile(rows_per_cta=64, rows_per_thread=4)  # 128 threads, 2 CTAs per head
@@ -101,7 +106,7 @@ SPEC_WIDE = Tile(rows_per_cta=64, rows_per_thread=2)  # 256 threads, 2 CTAs per 
 # (2 CTAs a head), 32 rows in 2.
 SPEC_MMA = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)
 SPEC_MMA_SMALL = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)
-TILES = (WIDE, LARGE, TINY, MMA, MMA_WIDE)
+TILES = (WIDE, LARGE, TINY, FINE16, MMA, MMA_WIDE)
 # ReplaySSM decode: 64-row tiles from this many heads (B x HV).
 RING_WIDE_FROM_HEADS = 512
 
@@ -133,11 +138,14 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
     every_state = intermediate or (per_token_slots and tokens == 2)
     streaming = fp32 and intermediate and tokens <= 4 and heads >= STREAMING_ROWS_FROM_HEADS
+    if (fp32 and intermediate and tokens <= 4 and num_v_heads <= FINE_VERIFY_MAX_V_HEADS
+            and WIDE_VERIFY_UP_TO_HEADS < heads <= FINE16_VERIFY_UP_TO_HEADS):
+        return replace(FINE16, streaming_rows=streaming or None)
     if (fp32 and every_state and heads <= FINE_VERIFY_UP_TO_HEADS
             and num_v_heads <= FINE_VERIFY_MAX_V_HEADS):
         if intermediate and not ragged and tokens <= 4 and heads <= WIDE_VERIFY_UP_TO_HEADS:
             return WIDE
-        return replace(TINY, streaming_rows=True) if streaming else TINY
+        return TINY
     if (intermediate and num_v_heads <= FINE_VERIFY_MAX_V_HEADS
             and serves(MMA, tokens, state_bytes, per_token_slots, ragged)):
         two_from, up_to, wide_up_to = MMA_VERIFY_HEADS
