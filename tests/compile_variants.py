@@ -61,13 +61,18 @@ def variants() -> dict:
                 base, tokens=T, intermediate="indexed", inter_index_dtype=torch.int64,
                 update_state=False)
         if state == torch.float32:
-            # Verify at TP8: 4 rows a thread up to 128 heads, 16-row tiles to 512, streaming
-            # rows from 256 (and TP1's 32 x 2 tiles from 256 heads, ragged rows too).
+            # Verify at TP8, T = 4: 4 rows a thread up to 128 heads, 16-row tiles to 512,
+            # streaming rows from 256 (and TP1's 32 x 2 tiles from 256 heads, ragged rows too).
             tp8 = replace(base, num_heads=2, num_v_heads=4, tokens=4, intermediate="rows",
                           update_state=False)
             out["f32_verify_rows32x4_T4_tp8"] = replace(tp8, rows_per_thread=4)
             out["f32_verify_rows16x1_T4_tp8_streaming"] = replace(
                 tp8, rows_per_cta=16, rows_per_thread=1, streaming_rows=True)
+            # ... and at T = 8: 16 x 2 up to 64 heads, streaming rows from 128.
+            out["f32_verify_rows16x2_T8_tp8"] = replace(tp8, tokens=8, rows_per_cta=16,
+                                                        rows_per_thread=2)
+            out["f32_verify_rows8x1_T8_tp8_streaming"] = replace(
+                tp8, tokens=8, rows_per_cta=8, rows_per_thread=1, streaming_rows=True)
             out["f32_verify_rows_T4_streaming"] = replace(
                 base, tokens=4, intermediate="rows", update_state=False, streaming_rows=True)
             out["f32_ragged_verify_T4_streaming"] = replace(

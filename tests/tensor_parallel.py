@@ -118,6 +118,9 @@ def worker(rank: int, world: int, backend: str, init_method: str, out_dir: str) 
                                                   device=device), 0, world))
         if rank == 0:
             torch.save(result, os.path.join(out_dir, "result.pt"))
+        # Tear down together: a rank leaving gloo while the other still talks to it has
+        # aborted the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from gdn_backend.kernels.heuristics import (FINE16, LARGE, MMA, MMA_WIDE, NUM_SMS, TINY, WIDE,
-                                            choose_tile, serves, tiles_for)
+from gdn_backend.kernels.heuristics import (FINE16, LARGE, MMA, MMA_WIDE, NUM_SMS, PAIRS16, TINY,
+                                            WIDE, choose_tile, serves, tiles_for)
 
 FP32, BF16 = 4, 2
 
@@ -125,8 +125,16 @@ def test_verify_on_fp32_at_tp8_takes_fine_tiles_up_to_256_heads_and_512_at_4_tok
         batch, tokens, ragged):
     tile = replace(choose_tile(batch, 4, 128, tokens, FP32, intermediate=True, ragged=ragged),
                    streaming_rows=None)
-    assert (tile in (TINY, WIDE, FINE16)) == (batch * 4 <= (512 if tokens <= 4 else 256))
+    assert (tile in (TINY, WIDE, FINE16, PAIRS16)) == (batch * 4 <= (512 if tokens <= 4 else 256))
     assert (tile == FINE16) == (tokens <= 4 and 128 < batch * 4 <= 512)
+
+
+@pytest.mark.parametrize("batch", [8, 9, 16, 17, 32])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_verify_of_8_equal_rows_on_fp32_at_tp8_takes_16_row_pairs_up_to_64_heads(batch, ragged):
+    tile = choose_tile(batch, 4, 128, 8, FP32, intermediate=True, ragged=ragged)
+    latency_bound = batch * 4 * (128 // 32) < NUM_SMS
+    assert (tile == PAIRS16) == (not latency_bound and not ragged and batch * 4 <= 64)
 
 
 @pytest.mark.parametrize("batch", [9, 16, 32, 33, 48])
@@ -144,10 +152,11 @@ def test_verify_of_equal_rows_on_fp32_at_tp8_takes_four_rows_a_thread_up_to_128_
                                           (64, 4), (128, 4)])
 @pytest.mark.parametrize("tokens", [2, 3, 4, 8])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_verify_on_fp32_streams_its_rows_from_256_heads_at_up_to_4_tokens(batch, heads, tokens,
-                                                                         ragged):
+def test_verify_on_fp32_streams_its_rows_from_256_heads_and_128_at_tp8_past_4_tokens(
+        batch, heads, tokens, ragged):
     tile = choose_tile(batch, heads, 128, tokens, FP32, intermediate=True, ragged=ragged)
-    assert bool(tile.streaming_rows) == (batch * heads >= 256 and tokens <= 4)
+    from_heads = 128 if tokens > 4 and heads == 4 else 256
+    assert bool(tile.streaming_rows) == (batch * heads >= from_heads)
 
 
 @pytest.mark.parametrize("state_bytes, options", [(BF16, {"intermediate": True}),

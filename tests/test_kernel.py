@@ -85,10 +85,10 @@ def test_dtypes_match_the_reference(qkv_dtype, gate_dtype, index_dtype):
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("indexed", [False, True])
-# TP8: 8-row tiles, 32 rows (4 a thread on fp32), then (fp32) 16-row tiles streaming the rows.
-@pytest.mark.parametrize("B", [6, 20, 70])
-def test_verify_writes_every_intermediate_state(state_dtype, indexed, B):
-    T = 4
+# TP8 on fp32, T = 4: 8-row tiles, 4 rows a thread, then 16-row tiles streaming the rows;
+# T = 8: 16 x 2, then streaming rows on 8 x 1 and on 32 x 2.
+@pytest.mark.parametrize("T, B", [(4, 6), (4, 20), (4, 70), (8, 16), (8, 40), (8, 70)])
+def test_verify_writes_every_intermediate_state(state_dtype, indexed, T, B):
     problem = make_problem(B, T, *TP8, num_padding=1, state_dtype=state_dtype, device="cuda", seed=8)
     # SGLang's buffer: [rows, D_max, HV, V, K], sliced to the T drafted tokens.
     buffer = torch.full((B + 3, 8, 4, 128, 128), float("nan"), dtype=state_dtype, device="cuda")

@@ -71,6 +71,16 @@ def test_streaming_rows_are_streaming_stores_and_nothing_else_is(ptx_dir, name):
     assert ptx.count("st.global.cs.") == ptx.count("st.global.cs.v4.f32")
 
 
+def test_a_kernel_streaming_its_rows_prefetches_1_mib_of_state_ahead_others_4():
+    from gdn_backend.kernels.decode import GatedDeltaRuleDecode
+    verify = dict(num_heads=2, num_v_heads=4, head_k_dim=128, head_v_dim=128, tokens=4,
+                  state_bytes=4, rows_per_cta=16, rows_per_thread=1, intermediate="rows",
+                  update_state=False)
+    tile_bytes = 16 * 128 * 4
+    assert GatedDeltaRuleDecode(**verify, streaming_rows=True).prefetch_ahead == (1 << 20) // tile_bytes
+    assert GatedDeltaRuleDecode(**verify).prefetch_ahead == (4 << 20) // tile_bytes
+
+
 @pytest.mark.parametrize("name", [n for n in DECODE if VARIANTS[n].flush_mma])
 def test_the_tensor_core_flush_runs_one_mma_a_span_and_16_places_and_stores_each_pair_once(
         ptx_dir, name):

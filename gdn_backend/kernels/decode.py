@@ -52,6 +52,12 @@ DECAY, BETA, KQ = range(3)
 # when it does, under the stream of written-back state (H100 sweep: 3-4 MiB best, 8 MiB and
 # more evicted before use; H200 sweep: 4 MiB ahead of 2 and 8).
 PREFETCH_AHEAD_BYTES = 4 << 20
+# ... but 1 MiB ahead in a verify that streams its rows: it moves 5-9 bytes for each byte of
+# state, so 4 MiB of state ahead is 20-36 MiB of traffic, about all of L2 (H200 sweep, session
+# 12, fp32 verify at T = 4: TP8 B = 64 1.18x -> 1.15x, TP1 B = 16-256 0.01 lower; at T = 8,
+# B = 64-128: 1.24x -> 1.17-1.18x). Small grids keep 4 MiB: their first 4 MiB of CTAs prefetch
+# their own tiles under PDL (TP8 ragged B = 16 took 1.21x -> 1.36x at 1 MiB); they do not stream.
+STREAMING_PREFETCH_AHEAD_BYTES = 1 << 20
 # k̂ and q̂ rows in shared memory skip 4 words after every 32: see `unit_layout`.
 SMEM_SKEW_EVERY, SMEM_SKEW = 32, 4
 
@@ -120,7 +126,8 @@ class GatedDeltaRuleDecode:
         self.prefetch_state = prefetch_state
         # CTAs ahead whose tile a CTA prefetches (0: none).
         tile_bytes = rows_per_cta * head_k_dim * state_bytes
-        self.prefetch_ahead = PREFETCH_AHEAD_BYTES // tile_bytes if prefetch_state else 0
+        ahead = STREAMING_PREFETCH_AHEAD_BYTES if streaming_rows else PREFETCH_AHEAD_BYTES
+        self.prefetch_ahead = ahead // tile_bytes if prefetch_state else 0
 
     @cute.jit
     def __call__(

@@ -30,8 +30,11 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
   rows of equal length takes 4 rows a thread instead (H200 sweep, session 11, TP8 B = 32:
   1.05-1.11x against 1.12-1.26x on 8x1, level at B = 16; ragged rows lost with it, 1.58x
   against 1.22x at T = 4 B = 32).
-- Verify on an fp32 pool from 256 heads, up to 4 tokens: the intermediate rows as
-  streaming stores (`Tile.streaming_rows`, `STREAMING_ROWS_FROM_HEADS`).
+- Verify on an fp32 pool from 256 heads (from 128 at TP8 past 4 tokens): the
+  intermediate rows as streaming stores (`Tile.streaming_rows`, `STREAMING_ROWS_FROM_HEADS`),
+  and the L2 prefetch nearer (decode.py, `STREAMING_PREFETCH_AHEAD_BYTES`). Past 128 heads at
+  TP8 and up to 512, at up to 4 tokens: 16-row tiles of one row a thread; at more tokens up
+  to 64 heads, rows of equal length: 16-row tiles of 2 rows a thread.
 - Otherwise, several tokens: 2 rows a thread (about 85 registers, 128 threads).
 
 ReplaySSM decode has rules of its own (`choose_ring_tile`), and so does the spec ring
@@ -61,6 +64,15 @@ FINE16_VERIFY_UP_TO_HEADS = 512
 # Below it they lost where the rows fit in L2 (TP1 T = 4 B = 4 on 32 x 2: 1.15x -> 1.44x)
 # or changed little.
 STREAMING_ROWS_FROM_HEADS = 256
+# ... and from this many at more tokens for requests of at most 4 value heads (H200, session
+# 12, TP8 T = 8: B = 32 1.28x -> 1.21x, B = 64 1.24x -> 1.17x on 8 x 1; B = 16 1.46x -> 1.50x).
+# TP1 keeps 256: at T = 8 B = 4 (128 heads) streaming measured 1.30x against SGLang's 1.29x,
+# and plain rows won at T = 4 there.
+STREAMING_ROWS_PAST_4_TOKENS_FROM_HEADS = 128
+# Verify of more than 4 tokens on an fp32 pool, rows of equal length, at most 4 value heads a
+# request, up to this many heads: 16-row tiles of 2 rows a thread (H200, session 12, TP8 T = 8
+# B = 16, two runs: 1.09-1.12x against 1.42-1.46x on 8 x 1).
+PAIRS16_VERIFY_UP_TO_HEADS = 64
 # Verify on a bf16 pool, for requests of at most FINE_VERIFY_MAX_V_HEADS value heads, takes
 # the tensor-core kernel in 32-row CTAs up to this many heads (T = 2 only past the first
 # bound), and at T = 2 in 64-row CTAs up to the third.
@@ -98,6 +110,7 @@ WIDE = Tile(rows_per_cta=32, rows_per_thread=4)    # 64 threads, 4 CTAs per head
 LARGE = Tile(rows_per_cta=32, rows_per_thread=2)   # 128 threads, 4 CTAs per head
 TINY = Tile(rows_per_cta=8, rows_per_thread=1)     # 64 threads, 16 CTAs per head
 FINE16 = Tile(rows_per_cta=16, rows_per_thread=1)  # 128 threads, 8 CTAs per head
+PAIRS16 = Tile(rows_per_cta=16, rows_per_thread=2)  # 64 threads, 8 CTAs per head
 MMA = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)       # 64 threads
 MMA_WIDE = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)  # 128 threads
 RING_WIDE = Tile(rows_per_cta=64, rows_per_thread=4)  # 128 threads, 2 CTAs per head
@@ -106,7 +119,7 @@ SPEC_WIDE = Tile(rows_per_cta=64, rows_per_thread=2)  # 256 threads, 2 CTAs per 
 # (2 CTAs a head), 32 rows in 2.
 SPEC_MMA = Tile(rows_per_cta=64, rows_per_thread=2, tensor_cores=True)
 SPEC_MMA_SMALL = Tile(rows_per_cta=32, rows_per_thread=2, tensor_cores=True)
-TILES = (WIDE, LARGE, TINY, FINE16, MMA, MMA_WIDE)
+TILES = (WIDE, LARGE, TINY, FINE16, PAIRS16, MMA, MMA_WIDE)
 # ReplaySSM decode: 64-row tiles from this many heads (B x HV).
 RING_WIDE_FROM_HEADS = 512
 
@@ -137,17 +150,20 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
     if tokens == 1:
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
     every_state = intermediate or (per_token_slots and tokens == 2)
-    streaming = fp32 and intermediate and tokens <= 4 and heads >= STREAMING_ROWS_FROM_HEADS
-    if (fp32 and intermediate and tokens <= 4 and num_v_heads <= FINE_VERIFY_MAX_V_HEADS
+    few_v_heads = num_v_heads <= FINE_VERIFY_MAX_V_HEADS
+    streaming = fp32 and intermediate and heads >= (
+        STREAMING_ROWS_PAST_4_TOKENS_FROM_HEADS if tokens > 4 and few_v_heads
+        else STREAMING_ROWS_FROM_HEADS)
+    if (fp32 and intermediate and tokens <= 4 and few_v_heads
             and WIDE_VERIFY_UP_TO_HEADS < heads <= FINE16_VERIFY_UP_TO_HEADS):
         return replace(FINE16, streaming_rows=streaming or None)
-    if (fp32 and every_state and heads <= FINE_VERIFY_UP_TO_HEADS
-            and num_v_heads <= FINE_VERIFY_MAX_V_HEADS):
+    if fp32 and every_state and heads <= FINE_VERIFY_UP_TO_HEADS and few_v_heads:
         if intermediate and not ragged and tokens <= 4 and heads <= WIDE_VERIFY_UP_TO_HEADS:
             return WIDE
-        return TINY
-    if (intermediate and num_v_heads <= FINE_VERIFY_MAX_V_HEADS
-            and serves(MMA, tokens, state_bytes, per_token_slots, ragged)):
+        if intermediate and not ragged and tokens > 4 and heads <= PAIRS16_VERIFY_UP_TO_HEADS:
+            return PAIRS16
+        return replace(TINY, streaming_rows=streaming or None)
+    if intermediate and few_v_heads and serves(MMA, tokens, state_bytes, per_token_slots, ragged):
         two_from, up_to, wide_up_to = MMA_VERIFY_HEADS
         if heads <= up_to and (tokens > 2 or heads > two_from):
             return MMA
