@@ -1,11 +1,11 @@
 """The floor of verify's byte mix: one state read and T states written, with none of the math.
 
-A verify moves 1 + T states a request for the T + 1 a symmetric copy of the same bytes
-moves, so its ratio to that copy could be bound by the mix of reads and writes rather than
-by the kernel. This pass measures that bound: a Triton program reads a block of a request's
-state once and stores it T times into a [B, T, HV, V, K] buffer (SGLang's intermediate
-layout), in plain or streaming (`.cs`) stores, over a few block sizes and warp counts; the
-best is timed by the benchmark's graph method beside the copy, cold L2 both.
+A verify reads one state and writes T, where the copy it is held against reads and writes
+(1 + T) / 2 each, so its ratio to that copy could be bound by the mix of reads and writes
+rather than by the kernel. This pass measures that bound: a Triton program reads a block of
+a request's state once and stores it T times into a [B, T, HV, V, K] buffer (SGLang's
+intermediate layout), in plain or streaming (`.cs`) stores, over a few block sizes and warp
+counts; the best is timed by the benchmark's graph method beside the copy, cold L2 both.
 
     python -m gdn_backend.bench.floor --shapes TP8 --tokens 2 3 4 8 --batches 16 32 64 128 \\
         --json floor.json
@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .cells import COLD_BYTES, POOLS, SHAPES, copy_of
+from .timing import time_graph
 
 V = K = 128
 BLOCKS, WARPS = (1024, 4096), (4, 8)
@@ -55,8 +56,6 @@ def launch(src: torch.Tensor, dst: torch.Tensor, tokens: int, block: int, warps:
 
 
 def time_cell(shape: str, pool: str, B: int, T: int, replays: int) -> dict:
-    from .timing import time_graph
-
     HV = SHAPES[shape][1]
     state = B * HV * V * K * POOLS[pool].itemsize
     sets = max(2, math.ceil(COLD_BYTES / state))
