@@ -151,18 +151,19 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
         return TINY if fp32 and heads >= FINE_FP32_FROM_HEADS else WIDE
     every_state = intermediate or (per_token_slots and tokens == 2)
     few_v_heads = num_v_heads <= FINE_VERIFY_MAX_V_HEADS
+    # Tile.streaming_rows for an fp32 verify: True, or None (plain stores).
     streaming = fp32 and intermediate and heads >= (
         STREAMING_ROWS_PAST_4_TOKENS_FROM_HEADS if tokens > 4 and few_v_heads
-        else STREAMING_ROWS_FROM_HEADS)
+        else STREAMING_ROWS_FROM_HEADS) or None
     if (fp32 and intermediate and tokens <= 4 and few_v_heads
             and WIDE_VERIFY_UP_TO_HEADS < heads <= FINE16_VERIFY_UP_TO_HEADS):
-        return replace(FINE16, streaming_rows=streaming or None)
+        return replace(FINE16, streaming_rows=streaming)
     if fp32 and every_state and heads <= FINE_VERIFY_UP_TO_HEADS and few_v_heads:
         if intermediate and not ragged and tokens <= 4 and heads <= WIDE_VERIFY_UP_TO_HEADS:
             return WIDE
         if intermediate and not ragged and tokens > 4 and heads <= PAIRS16_VERIFY_UP_TO_HEADS:
             return PAIRS16
-        return replace(TINY, streaming_rows=streaming or None)
+        return replace(TINY, streaming_rows=streaming)
     if intermediate and few_v_heads and serves(MMA, tokens, state_bytes, per_token_slots, ragged):
         two_from, up_to, wide_up_to = MMA_VERIFY_HEADS
         if heads <= up_to and (tokens > 2 or heads > two_from):
@@ -172,7 +173,7 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
     if tokens in (3, 4) and not intermediate and serves(MMA, tokens, state_bytes,
                                                         per_token_slots, ragged):
         return MMA_WIDE if heads * (head_v_dim // MMA_WIDE.rows_per_cta) >= 2 * NUM_SMS else MMA
-    return replace(LARGE, streaming_rows=True) if streaming else LARGE
+    return replace(LARGE, streaming_rows=streaming)
 
 
 def tiles_for(num_v_heads: int, head_v_dim: int, tokens: int, state_bytes: int,
