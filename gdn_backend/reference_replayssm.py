@@ -82,8 +82,11 @@ def replayssm_decode_reference(
     G = torch.where(live, ring_g[slots].float(), 0.0)                       # [R, HV, L]
     total = G.sum(-1)
     later = torch.where(live, (total[..., None] - G.cumsum(-1)).exp(), 0.0)  # Π_{i>j} α_i
-    records = torch.einsum("rhl,rhlv,rhlk->rhvk", later, ring_d[slots].float(),
-                           ring_k[slots].float().repeat_interleave(group, dim=1))
+    # Places past the cursor hold stale records, or anything: masked, not weighted by zero.
+    d_live = torch.where(live[..., None], ring_d[slots].float(), 0.0)
+    k_live = torch.where(live[..., None],
+                         ring_k[slots].float().repeat_interleave(group, dim=1), 0.0)
+    records = torch.einsum("rhl,rhlv,rhlk->rhvk", later, d_live, k_live)
     S = total.exp()[..., None, None] * state_pool[slots].float() + records  # [R, HV, V, K]
 
     # This token, in the one-pass form of SPEC.md's step.

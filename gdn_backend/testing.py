@@ -230,6 +230,15 @@ class RingPool:
         """SGLang's per-forward snapshot of the cursors (padding rows read slot 0's)."""
         return self.write_pos[idx.clamp(min=0).long()].clone()
 
+    def poison_past(self, idx: torch.Tensor, cursor: torch.Tensor) -> None:
+        """NaN in every place at or past each request's cursor of its slot's rings (idx >= 0):
+        what a step must not read into any sum."""
+        L = self.L
+        for slot, m in zip(idx.tolist(), cursor.tolist()):
+            if slot >= 0 and 0 <= m < L:
+                for ring in self.rings:
+                    ring[slot, :, m:] = float("nan")
+
     def advance(self, idx: torch.Tensor, cursor: torch.Tensor, force: torch.Tensor | None):
         """SGLang's backend after the step: 0 where it flushed, one on elsewhere."""
         flushed = cursor == self.L - 1

@@ -57,6 +57,19 @@ def test_a_natural_flush_folds_l_minus_1_records_and_the_token_into_the_checkpoi
     assert torch.equal(pool.ring_d[1, :, L - 1], before_ring[1, :, L - 1])  # never written
 
 
+@pytest.mark.parametrize("cursor", [0, 1, L - 2, L - 1])
+def test_a_step_ignores_what_the_ring_holds_past_its_cursor(cursor):
+    stale, poisoned = small_pool(3, seed=5), small_pool(3, seed=5)
+    poisoned.poison_past(torch.tensor([1]), torch.tensor([cursor]))
+    want, _ = reference_step(stale, 1, cursor)
+    got, _ = reference_step(poisoned, 1, cursor)
+    assert torch.equal(got, want)
+    assert torch.equal(poisoned.checkpoint, stale.checkpoint)
+    written = cursor + 1 if cursor < L - 1 else cursor  # a flush appends no record
+    for got_ring, want_ring in zip(poisoned.rings, stale.rings):
+        assert torch.equal(got_ring[1, :, :written], want_ring[1, :, :written])
+
+
 def test_padding_rows_are_zero_and_touch_no_slot():
     pool = small_pool(4, seed=4)
     state = [t.clone() for t in (pool.checkpoint, *pool.rings)]

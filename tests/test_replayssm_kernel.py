@@ -19,6 +19,11 @@ TP1, TP8 = (16, 32), (2, 4)
 BATCHES = {TP8: (3, 40, 130), TP1: (2, 17, 33)}
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The elements' bytes, as integers of their width."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
 def assert_step_matches_the_reference(pool, idx, cursor, force):
     """One kernel step and one reference step on copies of the same checkpoints and rings."""
     q, k, v, a, b = pool.tokens(idx.shape[0])
@@ -43,10 +48,11 @@ def assert_step_matches_the_reference(pool, idx, cursor, force):
                                      before):
         # What the reference wrote, by rows (a state row, a record): a written element may
         # round to the bytes it had.
-        changed = want != then
+        changed = bits(want) != bits(then)  # by bytes: a NaN place the reference kept is kept
         if name != "ring g":
             changed = changed.any(-1, keepdim=True).expand_as(changed)
-        assert torch.equal(got[~changed], then[~changed]), f"{name}: a byte the reference kept changed"
+        assert torch.equal(bits(got)[~changed], bits(then)[~changed]), \
+            f"{name}: a byte the reference kept changed"
         if changed.any():
             tol = TOL[torch.float32] if name == "ring g" else TOL[got.dtype]
             assert relative_error(got[changed], want[changed]) < max(tol, 1e-3), name
@@ -72,6 +78,27 @@ def test_a_step_matches_the_reference_at_every_cursor(heads, state_dtype, ring_l
                                                      force.cuda())
         assert not assert_step_matches_the_reference(pool, idx, cursor.to(torch.int32).cuda(),
                                                      None)
+
+
+@pytest.mark.parametrize("heads", [TP1, TP8], ids=["tp1", "tp8"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_step_ignores_what_the_ring_holds_past_its_cursor(heads, state_dtype):
+    """NaN in every ring place from each request's cursor on: the records are read at indices
+    clamped into the filled part and masked, so none of it reaches an output or a state."""
+    for i, B in enumerate(BATCHES[heads]):
+        P = B + 6
+        pool = RingPool(P, *heads, state_dtype=state_dtype, device="cuda",
+                        slot_pitch=heads[1] * 128 * 128 + 256, seed=450 + i)
+        gen = torch.Generator().manual_seed(450 + i)
+        slots = torch.randperm(P, generator=gen)[:B]
+        slots[0] = PAD_SLOT_ID
+        cursor = torch.randint(0, pool.L, (B,), generator=gen)
+        cursor[-1] = 0  # an empty ring
+        cursor[1] = pool.L - 1  # a natural flush
+        force = (torch.rand(B, generator=gen) < 0.2).to(torch.int32)
+        pool.poison_past(slots, cursor)
+        assert not assert_step_matches_the_reference(pool, slots.to(torch.int32).cuda(),
+                                                     cursor.to(torch.int32).cuda(), force.cuda())
 
 
 BF16, F32 = torch.bfloat16, torch.float32

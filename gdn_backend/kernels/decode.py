@@ -298,20 +298,36 @@ class GatedDeltaRuleDecode:
                             has_side_effects=True)
 
     @cute.jit
+    def later_slot(self, mIdx: cute.Tensor, mAccepted: cute.Tensor, bid: Int32) -> Int64:
+        """The slot of the CTA `prefetch_ahead` places later in this grid, read with no branch
+        before it (the last request's past the grid's end, where `prefetch_tile_of` is not
+        called)."""
+        n = (bid + self.prefetch_ahead) // (self.tiles * self.HV)
+        return self.read_slot(mIdx, mAccepted, cutlass.min(n, Int32(mIdx.shape[0] - 1)))
+
+    @cute.jit
     def prefetch_later_tile(self, mPool: cute.Tensor, mIdx: cute.Tensor, mAccepted: cute.Tensor,
                             bid: Int32, min_valid_slot: Int32):
         """Prefetch into L2 the tile of the CTA `prefetch_ahead` places later in this grid."""
         later = bid + self.prefetch_ahead
         n = later // (self.tiles * self.HV)
         if n < mIdx.shape[0]:
-            self.prefetch_l2(mPool, self.read_slot(mIdx, mAccepted, n),
-                             (later // self.tiles) % self.HV, later % self.tiles, min_valid_slot)
+            self.prefetch_tile_of(mPool, self.read_slot(mIdx, mAccepted, n), later,
+                                  min_valid_slot)
+
+    @cute.jit
+    def prefetch_tile_of(self, mPool: cute.Tensor, slot: Int64, cta, min_valid_slot: Int32):
+        """Prefetch into L2 the state tile that CTA `cta` of this grid reads from `slot`."""
+        self.prefetch_l2(mPool, slot, (cta // self.tiles) % self.HV, cta % self.tiles,
+                         min_valid_slot)
 
     @cute.jit
     def begin(self, mPool: cute.Tensor, mIdx: cute.Tensor, mAccepted: cute.Tensor, bid: Int32,
-              n, hv, tile, tidx: Int32, min_valid_slot: Int32) -> Int64:
+              n, hv, tile, tidx: Int32, min_valid_slot: Int32,
+              prefetch_later: bool = True) -> Int64:
         """The launch prologue: the wait for the previous kernel (programmatic dependent
-        launch), then the slot this CTA reads and the L2 prefetch for a later CTA."""
+        launch), then the slot this CTA reads and (unless the caller issues it itself, from
+        `later_slot` and `prefetch_tile_of`) the L2 prefetch for a later CTA."""
         if const_expr(self.use_pdl):
             # While the previous kernel finishes: pull this CTA's state into L2, if no
             # earlier CTA of this grid prefetches it (per-token slots: the slot is two
@@ -326,7 +342,7 @@ class GatedDeltaRuleDecode:
             cute.arch.griddepcontrol_launch_dependents()
 
         slot = self.read_slot(mIdx, mAccepted, n)
-        if const_expr(self.prefetch_ahead > 0):
+        if const_expr(prefetch_later and self.prefetch_ahead > 0):
             if tidx == 0:
                 self.prefetch_later_tile(mPool, mIdx, mAccepted, bid, min_valid_slot)
         return slot

@@ -179,8 +179,12 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
                                                               stride=(self.places, 1)),
                                     byte_alignment=16)
 
-        slot = self.begin(mPool, mIdx, None, bid, n, hv, tile, tidx, min_valid_slot)
+        # The cursor's and the later tile's slot's reads beside the slot's, so that the
+        # loads below wait for one round trip of indices, not three.
+        slot = self.begin(mPool, mIdx, None, bid, n, hv, tile, tidx, min_valid_slot,
+                          prefetch_later=False)
         cursor = Int32(mCursor[n])
+        later_slot = self.later_slot(mIdx, None, bid)
         in_pool = slot >= Int64(min_valid_slot) and slot < Int64(mPool.shape[0])
         bad_cursor = cursor < 0 or cursor >= Int32(self.L)
         valid = in_pool and not bad_cursor
@@ -191,23 +195,30 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
             flush = flush or Int32(mForce[n]) != 0
         req = (n, Int64(n), Int32(0), Int32(1))
 
+        # Its index arrives with the two the branch below waits for.
+        self.prefetch_later(mPool, mIdx, later_slot, bid, tidx, min_valid_slot)
         if valid:  # uniform over the CTA, so the barriers are safe
-            # 1. Every global read first: the checkpoint, then v, the ring's d of this
-            #    thread's rows, its decays and its row group's records' keys.
+            # 1. Every global read first, none of them waited for before the last is issued:
+            #    the checkpoint, v, the ring's d of this thread's rows, its decays, its row
+            #    group's records' keys, then the token's inputs. The records are read at
+            #    indices clamped into the filled part of the ring and masked where used, so
+            #    that no branch stands between the loads (each one a wait for the loads
+            #    before it).
             gS = mPool[slot, hv, None, None]
             raw = self.load_rows(gS, lane, rows)
             v_in = self.load_v(mV, req, hv, rows)
-            d_own = self.load_own_records(mRingD, slot, hv, lane, rows, cursor)
-            log_decay = Float32(0.0)
-            if warp_lane < cursor:
-                log_decay = Float32(mRingG[slot, hv, warp_lane])
-            keys = self.load_group_keys(mRingK, slot, h, tidx // LANES_PER_ROW, lane, cursor)
+            last = cutlass.max(cursor - 1, Int32(0))
+            d_raw = self.load_own_records(mRingD, slot, hv, lane, rows, last)
+            g_raw = mRingG[slot, hv, cutlass.min(warp_lane, last)]
+            keys = self.load_group_keys(mRingK, slot, h, tidx // LANES_PER_ROW, lane, last)
             # 2. The token's k̂, q̂ and gates in shared memory.
             self.stage_inputs(mQ, mK, mA, mB, mALog, mDtBias, units, sGate, req, h, hv, warp,
                               warp_lane, scale)
             cute.arch.barrier()
+            log_decay = Float32(cutlass.select_(warp_lane < cursor, Float32(g_raw), Float32(0.0)))
             total = self.stage_records(keys, log_decay, units, sKeys, sRec,
                                        tidx // LANES_PER_ROW, lane, warp_lane, cursor, flush)
+            d_own = self.widen_own_records(d_raw, lane, cursor)
             if not flush:
                 self.append_key_and_decay(mRingK, mRingG, mA, mDtBias, mALog, units, slot, h,
                                           hv, tile, n, tidx, cursor)
@@ -221,30 +232,47 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
                     mOut[n, 0, hv, r] = mOut.element_type(0.0)
 
     @cute.jit
+    def prefetch_later(self, mPool: cute.Tensor, mIdx: cute.Tensor, later_slot: Int64,
+                       bid: Int32, tidx: Int32, min_valid_slot: Int32):
+        """The CTA's share of the L2 prefetch ahead (its first thread's), from the index read
+        in the prologue."""
+        if const_expr(self.prefetch_ahead > 0):
+            later = bid + self.prefetch_ahead
+            if tidx == 0 and later // (self.tiles * self.HV) < mIdx.shape[0]:
+                self.prefetch_tile_of(mPool, later_slot, later, min_valid_slot)
+
+    @cute.jit
     def load_own_records(self, mRingD: cute.Tensor, slot: Int64, hv, lane: Int32, rows,
-                         cursor: Int32) -> cute.Tensor:
-        """d_j of this thread's rows for its records j = lane + 8 i, in float32; 0 from the cursor on."""
-        d = cute.make_rmem_tensor((len(rows), self.records_per_lane), Float32)
-        d.fill(0.0)
+                         last: Int32) -> cute.Tensor:
+        """d_j of this thread's rows for its records j = lane + 8 i, as stored, read at
+        min(j, last): `widen_own_records` masks the places past the cursor."""
+        d = cute.make_rmem_tensor((len(rows), self.records_per_lane), mRingD.element_type)
         for i in cutlass.range_constexpr(self.records_per_lane):
-            j = lane + LANES_PER_ROW * i
-            if j < cursor:
-                for r in cutlass.range_constexpr(len(rows)):
-                    d[r, i] = Float32(mRingD[slot, hv, j, rows[r]])
+            j = cutlass.min(lane + LANES_PER_ROW * i, last)
+            for r in cutlass.range_constexpr(len(rows)):
+                d[r, i] = mRingD[slot, hv, j, rows[r]]
+        return d
+
+    @cute.jit
+    def widen_own_records(self, d_raw: cute.Tensor, lane: Int32, cursor: Int32) -> cute.Tensor:
+        """`load_own_records`' d in float32, 0 from the cursor on (whatever the ring holds there)."""
+        d = cute.make_rmem_tensor(d_raw.shape, Float32)
+        for i in cutlass.range_constexpr(self.records_per_lane):
+            live = lane + LANES_PER_ROW * i < cursor
+            for r in cutlass.range_constexpr(d_raw.shape[0]):
+                d[r, i] = Float32(cutlass.select_(live, Float32(d_raw[r, i]), Float32(0.0)))
         return d
 
     @cute.jit
     def load_group_keys(self, mRingK: cute.Tensor, slot: Int64, h, group: Int32, lane: Int32,
-                        cursor: Int32) -> list:
-        """This lane's columns of the keys of its row group's records j = group + groups i;
-        0 from the cursor on."""
+                        last: Int32) -> list:
+        """This lane's columns of the keys of its row group's records j = group + groups i, as
+        stored, read at min(j, last): `stage_records` masks the places past the cursor."""
         keys = []
         for i in cutlass.range_constexpr(self.key_rounds):
-            j = group + self.groups * i
+            j = cutlass.min(group + self.groups * i, last)
             frag = cute.make_rmem_tensor((self.vec, self.vecs_per_lane), mRingK.element_type)
-            frag.fill(0.0)
-            if j < cursor:
-                cute.autovec_copy(self.lane_columns(mRingK[slot, h, j, None], lane), frag)
+            cute.autovec_copy(self.lane_columns(mRingK[slot, h, j, None], lane), frag)
             keys.append(frag)
         return keys
 
@@ -265,7 +293,10 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
         q_hat = self.lane_columns(units[None, 1, 0], lane).load()
         for i in cutlass.range_constexpr(self.key_rounds):
             j = group + self.groups * i
-            key = keys[i].load().to(Float32)
+            # Past the cursor the key read was record `last`'s, or (empty ring) whatever
+            # place 0 holds: zero, so that no stale value reaches a sum or the flush.
+            key = cute.where(cute.full_like(keys[i].load(), j < cursor, cutlass.Boolean),
+                             keys[i].load().to(Float32), Float32(0.0))
             w = cute.arch.shuffle_sync(weight, j % 32)
             kk = self.row_sum((key * k_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
             qk = self.row_sum((key * q_hat).reduce(cute.ReductionOp.ADD, Float32(0.0), 0))
