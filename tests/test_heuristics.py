@@ -152,11 +152,21 @@ def test_verify_of_equal_rows_on_fp32_at_tp8_takes_four_rows_a_thread_up_to_128_
                                           (64, 4), (128, 4)])
 @pytest.mark.parametrize("tokens", [2, 3, 4, 8])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_verify_on_fp32_streams_its_rows_from_256_heads_and_128_at_tp8_past_4_tokens(
+def test_verify_on_fp32_streams_its_rows_from_256_heads_and_128_past_4_tokens(
         batch, heads, tokens, ragged):
     tile = choose_tile(batch, heads, 128, tokens, FP32, intermediate=True, ragged=ragged)
-    from_heads = 128 if tokens > 4 and heads == 4 else 256
+    from_heads = 128 if tokens > 4 else 256
     assert bool(tile.streaming_rows) == (batch * heads >= from_heads)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_verify_of_8_tokens_on_fp32_at_tp1_takes_fine_tiles_past_64_heads_up_to_128(batch,
+                                                                                     ragged):
+    tile = choose_tile(batch, 32, 128, 8, FP32, intermediate=True, ragged=ragged)
+    # One request (32 heads) is latency-bound: 8-row tiles whatever the mode.
+    fine = batch == 1 or 64 < batch * 32 <= 128
+    assert (tile.rows_per_cta, tile.rows_per_thread) == ((8, 1) if fine else (32, 2))
 
 
 @pytest.mark.parametrize("state_bytes, options", [(BF16, {"intermediate": True}),

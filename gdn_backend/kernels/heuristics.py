@@ -30,11 +30,12 @@ A CTA owns `rows_per_cta` rows of one request's head; each thread holds
   rows of equal length takes 4 rows a thread instead (H200 sweep, session 11, TP8 B = 32:
   1.05-1.11x against 1.12-1.26x on 8x1, level at B = 16; ragged rows lost with it, 1.58x
   against 1.22x at T = 4 B = 32).
-- Verify on an fp32 pool from 256 heads (from 128 at TP8 past 4 tokens): the
+- Verify on an fp32 pool from 256 heads (from 128 past 4 tokens): the
   intermediate rows as streaming stores (`Tile.streaming_rows`, `STREAMING_ROWS_FROM_HEADS`),
   and the L2 prefetch nearer (decode.py, `STREAMING_PREFETCH_AHEAD_BYTES`). Past 128 heads at
   TP8 and up to 512, at up to 4 tokens: 16-row tiles of one row a thread; at more tokens up
-  to 64 heads, rows of equal length: 16-row tiles of 2 rows a thread.
+  to 64 heads, rows of equal length: 16-row tiles of 2 rows a thread. Past 4 tokens at
+  TP1, past 64 heads and up to 128: 8-row tiles.
 - Otherwise, several tokens: 2 rows a thread (about 85 registers, 128 threads).
 
 ReplaySSM decode has rules of its own (`choose_ring_tile`), and so does the spec ring
@@ -64,11 +65,16 @@ FINE16_VERIFY_UP_TO_HEADS = 512
 # Below it they lost where the rows fit in L2 (TP1 T = 4 B = 4 on 32 x 2: 1.15x -> 1.44x)
 # or changed little.
 STREAMING_ROWS_FROM_HEADS = 256
-# ... and from this many at more tokens for requests of at most 4 value heads (H200, session
-# 12, TP8 T = 8: B = 32 1.28x -> 1.21x, B = 64 1.24x -> 1.17x on 8 x 1; B = 16 1.46x -> 1.50x).
-# TP1 keeps 256: at T = 8 B = 4 (128 heads) streaming measured 1.30x against SGLang's 1.29x,
-# and plain rows won at T = 4 there.
+# ... and from this many at more tokens (H200, session 12, TP8 T = 8: B = 32 1.28x -> 1.21x,
+# B = 64 1.24x -> 1.17x on 8 x 1; B = 16 1.46x -> 1.50x; session 13, TP1 T = 8 B = 4: 1.49x
+# -> 1.30x on 32 x 2, 1.22x -> 1.14x on 8 x 1, level at B = 8 and 16).
 STREAMING_ROWS_PAST_4_TOKENS_FROM_HEADS = 128
+# Verify of more than 4 tokens on an fp32 pool for requests of more value heads (TP1), past
+# the first count of heads and up to the second: 8-row tiles (H200, session 13, T = 8: B = 4
+# on streaming rows 1.14x against 1.30x on 32 x 2 and 1.23x on 16 x 1, B = 3 1.24x against
+# 1.56x on 32 x 2; but B = 2 1.52x against 1.08x on 32 x 2, ragged 1.50x against 1.09x;
+# level from B = 8).
+FINE_VERIFY_PAST_4_TOKENS_HEADS = (64, 128)
 # Verify of more than 4 tokens on an fp32 pool, rows of equal length, at most 4 value heads a
 # request, up to this many heads: 16-row tiles of 2 rows a thread (H200, session 12, TP8 T = 8
 # B = 16, two runs: 1.09-1.12x against 1.42-1.46x on 8 x 1).
@@ -153,8 +159,12 @@ def choose_tile(batch: int, num_v_heads: int, head_v_dim: int, tokens: int, stat
     few_v_heads = num_v_heads <= FINE_VERIFY_MAX_V_HEADS
     # Tile.streaming_rows for an fp32 verify: True, or None (plain stores).
     streaming = fp32 and intermediate and heads >= (
-        STREAMING_ROWS_PAST_4_TOKENS_FROM_HEADS if tokens > 4 and few_v_heads
+        STREAMING_ROWS_PAST_4_TOKENS_FROM_HEADS if tokens > 4
         else STREAMING_ROWS_FROM_HEADS) or None
+    fine_past, fine_up_to = FINE_VERIFY_PAST_4_TOKENS_HEADS
+    if (fp32 and intermediate and tokens > 4 and not few_v_heads
+            and fine_past < heads <= fine_up_to):
+        return replace(TINY, streaming_rows=streaming)
     if (fp32 and intermediate and tokens <= 4 and few_v_heads
             and WIDE_VERIFY_UP_TO_HEADS < heads <= FINE16_VERIFY_UP_TO_HEADS):
         return replace(FINE16, streaming_rows=streaming)
