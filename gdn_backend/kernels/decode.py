@@ -298,19 +298,24 @@ class GatedDeltaRuleDecode:
                             has_side_effects=True)
 
     @cute.jit
+    def later_cta(self, bid: Int32):
+        """The CTA `prefetch_ahead` places after CTA `bid` in this grid, and its request (past
+        the last one where that CTA is past the grid's end)."""
+        later = bid + self.prefetch_ahead
+        return later, later // (self.tiles * self.HV)
+
+    @cute.jit
     def later_slot(self, mIdx: cute.Tensor, mAccepted: cute.Tensor, bid: Int32) -> Int64:
-        """The slot of the CTA `prefetch_ahead` places later in this grid, read with no branch
-        before it (the last request's past the grid's end, where `prefetch_tile_of` is not
-        called)."""
-        n = (bid + self.prefetch_ahead) // (self.tiles * self.HV)
+        """The slot of the later CTA's request, read with no branch before it (the last
+        request's past the grid's end, where `prefetch_tile_of` is not called)."""
+        _, n = self.later_cta(bid)
         return self.read_slot(mIdx, mAccepted, cutlass.min(n, Int32(mIdx.shape[0] - 1)))
 
     @cute.jit
     def prefetch_later_tile(self, mPool: cute.Tensor, mIdx: cute.Tensor, mAccepted: cute.Tensor,
                             bid: Int32, min_valid_slot: Int32):
         """Prefetch into L2 the tile of the CTA `prefetch_ahead` places later in this grid."""
-        later = bid + self.prefetch_ahead
-        n = later // (self.tiles * self.HV)
+        later, n = self.later_cta(bid)
         if n < mIdx.shape[0]:
             self.prefetch_tile_of(mPool, self.read_slot(mIdx, mAccepted, n), later,
                                   min_valid_slot)

@@ -237,8 +237,8 @@ class ReplaySSMDecode(GatedDeltaRuleDecode):
         """The CTA's share of the L2 prefetch ahead (its first thread's), from the index read
         in the prologue."""
         if const_expr(self.prefetch_ahead > 0):
-            later = bid + self.prefetch_ahead
-            if tidx == 0 and later // (self.tiles * self.HV) < mIdx.shape[0]:
+            later, later_n = self.later_cta(bid)
+            if tidx == 0 and later_n < mIdx.shape[0]:
                 self.prefetch_tile_of(mPool, later_slot, later, min_valid_slot)
 
     @cute.jit
